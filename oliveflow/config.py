@@ -1,0 +1,127 @@
+"""Typed configuration: one model per stage, composed into the flow's parameter model.
+
+Every field a person sets carries a description: the Prefect UI renders these models as
+the run form, and the CLI's ``--param key=value`` addresses them by dotted path.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from oliveflow.errors import InputError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED_MODEL = "embedded:tiny-phi3"
+DEFAULT_TEMPLATE = "<|user|>\n{prompt}<|end|>\n<|assistant|>\n{response}<|end|>"
+
+
+def oliveflow_home() -> Path:
+    """Root for the embedded model, the artifact store and Olive's cache (``$OLIVEFLOW_HOME``)."""
+    return Path(os.environ.get("OLIVEFLOW_HOME", Path.home() / ".cache" / "oliveflow")).expanduser()
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def template_fields(template: str) -> list[str]:
+    """Field names a ``str.format`` template uses, in order of first use."""
+    names: list[str] = []
+    try:
+        for _, name, _, _ in string.Formatter().parse(template):
+            if name is not None and name not in names:
+                names.append(name)
+    except ValueError as exc:
+        raise InputError(f"template {template!r} is not a valid format string ({exc}); "
+                         "use {field} placeholders and double braces for literal ones") from exc
+    return names
+
+
+class DataConfig(_Config):
+    train_path: Path = Field(REPO_ROOT / "data" / "travel_train.jsonl",
+                             description="JSONL file of training examples, one JSON object per line.")
+    eval_path: Path | None = Field(REPO_ROOT / "data" / "travel_eval.jsonl",
+                                   description="Held-out JSONL file (same fields) for eval loss and sample prompts.")
+    template: str = Field(DEFAULT_TEMPLATE,
+                          description="Text template applied to each example; {field} placeholders name JSON fields. "
+                                      "The part before the last placeholder is the prompt used for sample answers.")
+
+    @field_validator("template")
+    @classmethod
+    def _has_placeholders(cls, value: str) -> str:
+        if not template_fields(value):
+            raise ValueError(f"template {value!r} has no {{field}} placeholders; "
+                             "name the JSON fields to use, e.g. '{prompt} {response}'")
+        return value
+
+
+class QuantizeConfig(_Config):
+    algorithm: Literal["rtn", "gptq", "awq"] = Field(
+        "rtn", description="Weight quantizer: rtn (round to nearest), gptq (calibrated on the training data), "
+                           "awq (activation-aware; not available yet).")
+    bits: Literal[4, 8] = Field(4, description="Bits per weight.")
+    group_size: int = Field(32, description="Weights per quantization group; must divide the model's hidden and "
+                                            "intermediate sizes. -1 means one group per output channel.")
+    symmetric: bool = Field(True, description="Symmetric quantization (no zero points).")
+    calibration_samples: int = Field(64, ge=1, description="Training examples used to calibrate gptq.")
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, value: int) -> int:
+        if value != -1 and (value < 16 or value & (value - 1)):
+            raise ValueError("group_size must be -1 or a power of two >= 16")
+        return value
+
+
+class FinetuneConfig(_Config):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA alpha (update scale is alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] | None = Field(
+        None, description="Module names to adapt; empty uses Olive's default for the architecture.")
+    max_steps: int = Field(100, ge=1, description="Optimizer steps.")
+    learning_rate: float = Field(2e-3, gt=0, description="AdamW learning rate.")
+    batch_size: int = Field(8, ge=1, description="Examples per step.")
+    max_seq_len: int = Field(128, ge=16, description="Token length examples are packed or cut to.")
+    seed: int = Field(0, description="Training seed.")
+
+
+class ExportConfig(_Config):
+    device: Literal["cpu", "gpu"] = Field("cpu", description="Execution provider the ONNX model is built for: "
+                                                             "cpu, or gpu (CUDA; needs the `gpu` extra).")
+
+
+class SmokeTestConfig(_Config):
+    num_samples: int = Field(3, ge=0, description="Held-out prompts to answer, with and without the adapter.")
+    max_new_tokens: int = Field(48, ge=1, description="Tokens generated per answer.")
+
+
+class PipelineParams(_Config):
+    """Everything one run of the pipeline takes."""
+
+    model: str = Field(EMBEDDED_MODEL, description=f"Base model: a Hugging Face id, a local model folder, or "
+                                                   f"{EMBEDDED_MODEL!r} (a tiny model built locally).")
+    data: DataConfig = Field(default_factory=DataConfig, description="Training and eval data, and the text template.")
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig, description="Weight quantization.")
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="LoRA fine-tuning.")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="ONNX export for onnxruntime-genai.")
+    smoke_test: SmokeTestConfig = Field(default_factory=SmokeTestConfig, description="Generation check.")
+    output_dir: Path | None = Field(None, description="Folder that receives a copy of the final model folder.")
+    artifact_root: Path | None = Field(None, description="Root of the content-addressed artifact store "
+                                                         "(default $OLIVEFLOW_HOME/artifacts).")
+
+    @model_validator(mode="after")
+    def _combinations(self) -> PipelineParams:
+        if self.quantize.algorithm == "awq":
+            raise ValueError("quantize.algorithm 'awq' is not available yet (issue: native AWQ); use rtn or gptq")
+        if self.export.device == "gpu" and self.quantize.bits != 4:
+            raise ValueError("export.device gpu needs quantize.bits 4 (int4 MatMulNBits)")
+        return self
+
+    def store_root(self) -> Path:
+        return (self.artifact_root or oliveflow_home() / "artifacts").expanduser().resolve()

@@ -1,0 +1,239 @@
+"""Olive passes this project registers: LoRA on Olive-quantized models, and their export.
+
+Olive 0.13 quantizes into its own ``QuantLinear``; PEFT refuses that layer, and the
+onnxruntime-genai ModelBuilder reads such checkpoints (copying the int4 codes verbatim)
+but cannot attach a LoRA adapter to them. The two passes below close both gaps, so the
+adapter is trained against exactly the int4 grid that ends up in the ONNX graph:
+
+- ``QuantLoRA``: Olive's LoRA pass with a PEFT custom-module mapping for ``QuantLinear``.
+- ``QuantModelBuilder``: Olive's ModelBuilder pass; when the input is Olive-quantized and
+  carries an adapter, it hangs the adapter's LoRA weights on ModelBuilder's quantized
+  modules instead of calling ``PeftModel.from_pretrained`` on an object that is no
+  ``nn.Module``. Base codes are copied, never re-quantized.
+
+``package_config()`` is Olive's pass table with both added; workflow configs name them by type.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from olive.common.quant.hf_utils import OliveHfQuantizer
+from olive.common.quant.nn import QuantLinear
+from olive.package_config import OlivePackageConfig
+from olive.passes.onnx.model_builder import ModelBuilder
+from olive.passes.pytorch.lora import LoRA
+from peft.tuners.lora.layer import LoraLayer
+
+
+LOG_HISTORY = "log_history.json"
+
+
+def load_adapter(model: torch.nn.Module, adapter_dir: Path) -> Any:
+    """``PeftModel.from_pretrained`` that also knows ``QuantLinear`` (the mapping is not saved with adapters)."""
+    from peft import LoraConfig, PeftModel
+
+    config = LoraConfig.from_pretrained(str(adapter_dir))
+    config._register_custom_module({QuantLinear: QuantLinearLora})
+    return PeftModel.from_pretrained(model, str(adapter_dir), config=config)
+
+
+class QuantLinearLora(torch.nn.Module, LoraLayer):
+    """LoRA on top of Olive's ``QuantLinear``: frozen int4 base, float low-rank update."""
+
+    def __init__(self, base_layer: torch.nn.Module, adapter_name: str, config: Any, r: int = 0,
+                 lora_alpha: int = 1, **kwargs: Any):
+        super().__init__()
+        LoraLayer.__init__(self, base_layer)
+        quant = self.get_base_layer()
+        # QuantLinear names its dimensions rows/cols; LoraLayer needs in/out features.
+        self.in_features, self.out_features = quant.cols, quant.rows
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.disable_adapters:
+            return result
+        for name in self.active_adapters:
+            if name not in self.lora_A:
+                continue
+            lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+            update = lora_B(lora_A(self.lora_dropout[name](x.to(lora_A.weight.dtype))))
+            result = result + (update * self.scaling[name]).to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+class _TrainableOliveHfQuantizer(OliveHfQuantizer):
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+
+class QuantLoRA(LoRA):
+    """Olive's LoRA pass, able to train on Olive-quantized (``QuantLinear``) models."""
+
+    @staticmethod
+    def get_peft_model(model, config, config_kwargs=None):
+        from peft import LoraConfig, get_peft_model
+
+        lora_config = LoraConfig(
+            r=config.r,
+            lora_alpha=config.alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=config.target_modules,
+            bias="none",
+            modules_to_save=config.modules_to_save,
+            **(config_kwargs or {}),
+        )
+        lora_config._register_custom_module({QuantLinear: QuantLinearLora})
+        quantizer = getattr(model, "hf_quantizer", None)
+        if isinstance(quantizer, OliveHfQuantizer):
+            # Olive marks its quantizer untrainable because PEFT had no layer for QuantLinear;
+            # QuantLinearLora is that layer, so transformers.Trainer may proceed.
+            quantizer.__class__ = _TrainableOliveHfQuantizer
+        return get_peft_model(model, lora_config)
+
+    def train_and_save_new_model(self, model, tokenizer, config, output_model, output_model_path):
+        # Olive discards the Trainer's log history; keep it beside the adapter (loss per step).
+        import transformers
+
+        history: list[dict] = []
+        original_train = transformers.Trainer.train
+
+        def train(trainer, *args, **kwargs):
+            try:
+                return original_train(trainer, *args, **kwargs)
+            finally:
+                history.extend(trainer.state.log_history)
+
+        transformers.Trainer.train = train
+        try:
+            output = super().train_and_save_new_model(model, tokenizer, config, output_model, output_model_path)
+        finally:
+            transformers.Trainer.train = original_train
+        (Path(output_model_path) / "adapter" / LOG_HISTORY).write_text(json.dumps(history, indent=1))
+        return output
+
+
+class _Proxy:
+    """Forwards attribute reads to a ModelBuilder quantized module, overriding a few."""
+
+    def __init__(self, target: Any, **overrides: Any):
+        self.__dict__.update(overrides)
+        self._target = target
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._target, name)
+
+
+def _attach_adapter(quant_model: Any, adapter_dir: str) -> Any:
+    """Give ModelBuilder's quantized modules PEFT-shaped LoRA attributes from ``adapter_dir``."""
+    from safetensors.torch import load_file
+
+    adapter_cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    scaling = adapter_cfg["lora_alpha"] / adapter_cfg["r"]
+    weights = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in weights.items():
+        # base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.weight
+        module, kind = key.rsplit(".lora_", 1)
+        module = module.removeprefix("base_model.model.")
+        pairs.setdefault(module, {})[kind.split(".")[0]] = tensor.float()
+
+    for module_name, ab in pairs.items():
+        parts = module_name.split(".")  # model.layers.N.<path...>
+        if parts[:2] != ["model", "layers"]:
+            raise NotImplementedError(f"LoRA on {module_name} is not supported by the quantized export")
+        layer = quant_model.layers[int(parts[2])]
+        parent = layer
+        for attr in parts[3:-1]:
+            parent = getattr(parent, attr)
+        leaf = parts[-1]
+        targets = [leaf]
+        if leaf == "qkv_proj" and not hasattr(parent, "qkv_proj"):
+            targets = ["q_proj", "k_proj", "v_proj"]  # ModelBuilder split the fused QKV
+        elif leaf == "gate_up_proj" and not hasattr(parent, "gate_up_proj"):
+            targets = ["gate_proj", "up_proj"]
+        rows = [getattr(parent, t).out_features for t in targets]
+        offsets = [sum(rows[:i]) for i in range(len(rows))]
+        for target, start, n in zip(targets, offsets, rows):
+            base = getattr(parent, target)
+            lora_a = torch.nn.Linear(base.in_features, ab["A"].shape[0], bias=False)
+            lora_a.weight = torch.nn.Parameter(ab["A"].clone(), requires_grad=False)
+            lora_b = torch.nn.Linear(ab["A"].shape[0], n, bias=False)
+            lora_b.weight = torch.nn.Parameter(ab["B"][start:start + n].clone(), requires_grad=False)
+            # The shapes of a PEFT LoRA layer, as ModelBuilder's make_matmul_lora reads them;
+            # the LoRA path's weight.shape is all it asks of the (quantized) base.
+            shaped_base = _Proxy(base, weight=torch.empty(n, base.in_features, device="meta"))
+            setattr(parent, target, _Proxy(
+                base,
+                base_layer=shaped_base,
+                lora_A=SimpleNamespace(default=lora_a),
+                lora_B=SimpleNamespace(default=lora_b),
+                scaling={"default": scaling},
+            ))
+    return quant_model
+
+
+@contextlib.contextmanager
+def _adapter_aware_builder():
+    # builder.py puts builders/ on sys.path, so its Model class lives in the top-level
+    # module ``builders.base``; reach it the way Olive's own ModelBuilder patches do.
+    model_cls = importlib.import_module("onnxruntime_genai.models.builder").Model
+    original = model_cls.load_weights
+
+    def load_weights(self, input_path):
+        adapter = self.extra_options.get("adapter_path") if self.quant_type else None
+        if adapter is None:
+            return original(self, input_path)
+        self.extra_options.pop("adapter_path")
+        try:
+            return _attach_adapter(original(self, input_path), adapter)
+        finally:
+            self.extra_options["adapter_path"] = adapter
+
+    original_to_int4 = model_cls.to_int4
+
+    def to_int4(self):
+        # LoRA MatMuls stay float: an int4 LoRA graph cannot run with no adapter active
+        # (genai feeds rank-0 tensors that MatMulNBits rejects), and float keeps them exact.
+        lora = [n.name for n in self.model.graph if n.op_type == "MatMul" and "/lora_" in n.name]
+        excluded = self.quant_attrs["int4"]["nodes_to_exclude"]
+        excluded.extend(name for name in lora if name not in excluded)
+        return original_to_int4(self)
+
+    model_cls.load_weights, model_cls.to_int4 = load_weights, to_int4
+    try:
+        yield
+    finally:
+        model_cls.load_weights, model_cls.to_int4 = original, original_to_int4
+
+
+class QuantModelBuilder(ModelBuilder):
+    """Olive's ModelBuilder pass that exports an Olive-quantized base together with its adapter."""
+
+    def _run_for_config(self, model, config, output_model_path):
+        with _adapter_aware_builder():
+            return super()._run_for_config(model, config, output_model_path)
+
+
+_PASSES = {"QuantLoRA": QuantLoRA, "QuantModelBuilder": QuantModelBuilder}
+
+
+def package_config() -> dict:
+    """Olive's own pass table plus this module's passes, for ``olive.workflows.run(package_config=...)``."""
+    package = json.loads(Path(OlivePackageConfig.get_default_config_path()).read_text())
+    for name, cls in _PASSES.items():
+        parent = package["passes"][cls.__mro__[1].__name__]
+        package["passes"][name] = {**parent, "module_path": f"{cls.__module__}.{name}"}
+    return package

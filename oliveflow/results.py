@@ -1,0 +1,115 @@
+"""Typed stage results: small frozen manifests (paths, content hashes, metrics), never models.
+
+These are what Prefect persists for its cache, so they must stay small and picklable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Result(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class Artifact(_Result):
+    """A folder in the artifact store and the content hash of its files."""
+
+    path: Path
+    sha256: str
+    size_bytes: int
+
+
+class DataReport(_Result):
+    train_path: Path
+    eval_path: Path | None
+    train_sha256: str
+    eval_sha256: str | None
+    fields: list[str]
+    rows: int
+    eval_rows: int
+    chars_min: int
+    chars_median: float
+    chars_max: int
+    tokens_median: float | None = None
+    tokens_max: int | None = None
+
+
+class BaseModelRef(_Result):
+    """The resolved base model: where it lives and what it is."""
+
+    spec: str = Field(description="What the user asked for (Hub id, folder, or the embedded name).")
+    artifact: Artifact
+    model_type: str
+    architecture: str
+    hidden_size: int
+    intermediate_size: int
+
+
+class QuantizedModel(_Result):
+    artifact: Artifact
+    algorithm: str
+    bits: int
+    group_size: int
+    size_before_bytes: int
+    size_after_bytes: int
+    seconds: float
+
+    @property
+    def model_dir(self) -> Path:
+        return self.artifact.path / "model"
+
+
+class Adapter(_Result):
+    """A PEFT LoRA adapter trained on the quantized model, with its losses."""
+
+    artifact: Artifact
+    train_loss: list[float] = Field(description="Training loss per logged step.")
+    eval_loss_original: float | None = Field(description="Eval loss of the unquantized base model.")
+    eval_loss_quantized: float | None = Field(description="Eval loss of the quantized model, no adapter.")
+    eval_loss_finetuned: float | None = Field(description="Eval loss of the quantized model with the adapter.")
+    seconds: float
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.artifact.path / "adapter"
+
+
+class OnnxModel(_Result):
+    """A flat onnxruntime-genai folder: model.onnx(.data), genai_config.json, tokenizer, adapter file."""
+
+    artifact: Artifact
+    adapter_name: str
+    device: str
+    seconds: float
+
+    @property
+    def model_dir(self) -> Path:
+        return self.artifact.path / "model"
+
+    @property
+    def adapter_file(self) -> Path:
+        return self.model_dir / self.adapter_name
+
+
+class Sample(_Result):
+    prompt: str
+    base_answer: str
+    finetuned_answer: str
+
+
+class SmokeReport(_Result):
+    passed: bool
+    samples: list[Sample]
+    load_seconds: float
+    ttft_seconds: float
+    ttft_seconds_base: float
+    decode_tokens_per_second: float
+    decode_tokens_per_second_base: float
+    token_latency_p50_ms: float
+    token_latency_p90_ms: float
+    size_before_bytes: int
+    size_after_bytes: int
+    size_reduction: float

@@ -1,0 +1,61 @@
+"""export_onnx: ModelBuilder int4 + ExtractAdapters -> an onnxruntime-genai folder and a .onnx_adapter file.
+
+The base's int4 codes are copied from the quantized checkpoint (``QuantModelBuilder``),
+never re-quantized; the LoRA weights stay float and are pulled out of the graph into
+``adapter_weights.onnx_adapter`` so the model also runs with no adapter active.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from oliveflow import olive_runner
+from oliveflow.config import ExportConfig
+from oliveflow.results import Adapter, OnnxModel, QuantizedModel
+from oliveflow.stages import artifact_of
+
+MODEL_SUBDIR = "model"
+ADAPTER_FILE = "adapter_weights.onnx_adapter"
+_OLIVE_BOOKKEEPING = {"footprint.json", "output_footprint.json", "run_history.txt", "model_config.json"}
+_PROVIDERS = {"cpu": ("cpu", "CPUExecutionProvider"), "gpu": ("gpu", "CUDAExecutionProvider")}
+
+
+def olive_config(model: QuantizedModel, adapter: Adapter, config: ExportConfig) -> dict:
+    device, provider = _PROVIDERS[config.device]
+    return {
+        "input_model": {"type": "HfModel", "model_path": str(model.model_dir),
+                        "adapter_path": str(adapter.adapter_dir)},
+        "systems": {"local_system": {"type": "LocalSystem",
+                                     "accelerators": [{"device": device, "execution_providers": [provider]}]}},
+        "host": "local_system",
+        "target": "local_system",
+        "passes": {
+            "build": {"type": "QuantModelBuilder", "precision": "int4"},
+            "extract": {"type": "ExtractAdapters", "make_inputs": True, "dynamic_lora_r": True,
+                        "save_format": "onnx_adapter"},
+        },
+        "log_severity_level": 1,
+    }
+
+
+def export_onnx(model: QuantizedModel, adapter: Adapter, config: ExportConfig, out_dir: Path) -> OnnxModel:
+    """Export ``model`` + ``adapter`` into ``out_dir/model`` (flat genai folder)."""
+    started = time.perf_counter()
+    produced = Path(olive_runner.run_workflow(olive_config(model, adapter, config), out_dir, "export"))
+    produced_dir = produced if produced.is_dir() else produced.parent
+    target = out_dir / MODEL_SUBDIR
+    target.mkdir()
+    for item in produced_dir.iterdir():
+        if item.name not in _OLIVE_BOOKKEEPING:
+            shutil.move(str(item), target / item.name)
+    olive_runner.cleanup(out_dir)
+    adapters = sorted(target.glob("*.onnx_adapter"))
+    if not (target / "model.onnx").is_file() or not (target / "genai_config.json").is_file() or not adapters:
+        from oliveflow.errors import StageError
+
+        raise StageError(f"export: Olive finished but {target} lacks model.onnx, genai_config.json or an "
+                         f".onnx_adapter file (found: {sorted(p.name for p in target.iterdir())})")
+    return OnnxModel(artifact=artifact_of(out_dir), adapter_name=adapters[0].name, device=config.device,
+                     seconds=time.perf_counter() - started)

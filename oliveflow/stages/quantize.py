@@ -1,0 +1,66 @@
+"""quantize: Olive's Rtn or Gptq pass on the base model, into an Olive-quantized HF folder."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from oliveflow import olive_runner
+from oliveflow.config import QuantizeConfig
+from oliveflow.errors import InputError
+from oliveflow.hashing import tree_size
+from oliveflow.results import BaseModelRef, DataReport, QuantizedModel
+from oliveflow.stages import artifact_of
+
+MODEL_SUBDIR = "model"
+
+
+def jsonl_data_config(name: str, path: Path, template: str, max_seq_len: int, max_samples: int,
+                      batch_size: int = 1) -> dict:
+    """An Olive data config reading a local JSONL file through a text template (never the Hub)."""
+    return {
+        "name": name,
+        "type": "HuggingfaceContainer",
+        "load_dataset_config": {"data_name": "json", "data_files": [str(path)], "split": "train"},
+        "pre_process_data_config": {"text_template": template, "max_seq_len": max_seq_len,
+                                    "max_samples": max_samples},
+        "dataloader_config": {"batch_size": batch_size},
+    }
+
+
+def olive_config(base: BaseModelRef, config: QuantizeConfig, data: DataReport | None, template: str) -> dict:
+    qpass = {"bits": config.bits, "group_size": config.group_size, "sym": config.symmetric}
+    workflow: dict = {"input_model": {"type": "HfModel", "model_path": str(base.artifact.path)},
+                      "log_severity_level": 1}
+    if config.algorithm == "rtn":
+        qpass["type"] = "Rtn"
+    elif config.algorithm == "gptq":
+        if data is None:
+            raise InputError("quantize.algorithm gptq needs calibration data; pass --data")
+        # Calibrate on the project's own examples: Olive's default set is downloaded from the Hub.
+        workflow["data_configs"] = [jsonl_data_config("calibration", data.train_path, template, 512,
+                                                      config.calibration_samples)]
+        qpass.update(type="Gptq", data_config="calibration")
+    else:
+        raise InputError(f"quantize.algorithm {config.algorithm!r} is not available yet; use rtn or gptq")
+    workflow["passes"] = {"quantize": qpass}
+    return workflow
+
+
+def quantize(base: BaseModelRef, config: QuantizeConfig, out_dir: Path, *,
+             data: DataReport | None = None, template: str = "{prompt}\n{response}") -> QuantizedModel:
+    """Quantize ``base`` into ``out_dir/model``; the Olive config is saved beside it."""
+    started = time.perf_counter()
+    produced = olive_runner.run_workflow(olive_config(base, config, data, template), out_dir, "quantize")
+    shutil.move(str(produced), out_dir / MODEL_SUBDIR)
+    olive_runner.cleanup(out_dir)
+    return QuantizedModel(
+        artifact=artifact_of(out_dir),
+        algorithm=config.algorithm,
+        bits=config.bits,
+        group_size=config.group_size,
+        size_before_bytes=base.artifact.size_bytes,
+        size_after_bytes=sum(tree_size(p) for p in (out_dir / MODEL_SUBDIR).glob("*.safetensors")),
+        seconds=time.perf_counter() - started,
+    )

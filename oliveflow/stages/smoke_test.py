@@ -1,0 +1,94 @@
+"""smoke_test: load the exported model + adapter with onnxruntime-genai, answer held-out prompts.
+
+Each prompt is answered twice, with the adapter active and with none (the LoRA weights
+are float inputs, so "none" is the quantized base). Latency is measured per token.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+from oliveflow.config import SmokeTestConfig
+from oliveflow.errors import StageError
+from oliveflow.hashing import tree_size
+from oliveflow.results import BaseModelRef, DataReport, OnnxModel, Sample, SmokeReport
+from oliveflow.stages.data import prompt_and_reference, read_examples
+
+ADAPTER_NAME = "finetuned"
+
+
+def _generate(og, model, tokenizer, prompt: str, max_new_tokens: int, adapters=None) -> tuple[str, list[float]]:
+    """Greedy answer and the seconds each token took (the first includes the prompt)."""
+    params = og.GeneratorParams(model)
+    ids = tokenizer.encode(prompt)
+    params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    if adapters is not None:
+        generator.set_active_adapter(adapters, ADAPTER_NAME)
+    tokens, latencies = [], []
+    tick = time.perf_counter()
+    generator.append_tokens(ids)
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+        now = time.perf_counter()
+        latencies.append(now - tick)
+        tick = now
+    return tokenizer.decode(tokens).strip(), latencies
+
+
+def _onnx_size(model_dir: Path) -> int:
+    return sum(tree_size(p) for p in model_dir.glob("*.onnx*") if not p.name.endswith(".onnx_adapter"))
+
+
+def smoke_test(onnx: OnnxModel, base: BaseModelRef, data: DataReport, template: str,
+               config: SmokeTestConfig) -> SmokeReport:
+    import onnxruntime_genai as og
+
+    if onnx.device == "gpu" and not og.is_cuda_available():
+        raise StageError("smoke_test: the model was exported for CUDA but this onnxruntime-genai has no CUDA; "
+                         "install the gpu extra (onnxruntime-genai-cuda) or export with export.device=cpu")
+    started = time.perf_counter()
+    model = og.Model(str(onnx.model_dir))
+    tokenizer = og.Tokenizer(model)
+    adapters = og.Adapters(model)
+    adapters.load(str(onnx.adapter_file), ADAPTER_NAME)
+    load_seconds = time.perf_counter() - started
+
+    source = data.eval_path or data.train_path
+    rows = read_examples(source, data.fields)[: config.num_samples]
+    samples, tuned_lat, base_lat = [], [], []
+    for row in rows:
+        prompt, _ = prompt_and_reference(template, row)
+        tuned, lat_t = _generate(og, model, tokenizer, prompt, config.max_new_tokens, adapters)
+        plain, lat_b = _generate(og, model, tokenizer, prompt, config.max_new_tokens)
+        samples.append(Sample(prompt=prompt, base_answer=plain, finetuned_answer=tuned))
+        tuned_lat.append(lat_t)
+        base_lat.append(lat_b)
+
+    def ttft(runs: list[list[float]]) -> float:
+        return statistics.mean(r[0] for r in runs if r) if runs else 0.0
+
+    def decode_rate(runs: list[list[float]]) -> float:
+        steps = [t for r in runs for t in r[1:]]
+        return len(steps) / sum(steps) if steps and sum(steps) > 0 else 0.0
+
+    per_token = sorted(t * 1000 for r in tuned_lat for t in r[1:])
+    quantiles = statistics.quantiles(per_token, n=10) if len(per_token) >= 2 else [0.0] * 9
+    size_after = _onnx_size(onnx.model_dir)
+    return SmokeReport(
+        passed=bool(samples) and all(s.finetuned_answer for s in samples) or config.num_samples == 0,
+        samples=samples,
+        load_seconds=load_seconds,
+        ttft_seconds=ttft(tuned_lat),
+        ttft_seconds_base=ttft(base_lat),
+        decode_tokens_per_second=decode_rate(tuned_lat),
+        decode_tokens_per_second_base=decode_rate(base_lat),
+        token_latency_p50_ms=statistics.median(per_token) if per_token else 0.0,
+        token_latency_p90_ms=quantiles[8],
+        size_before_bytes=base.artifact.size_bytes,
+        size_after_bytes=size_after,
+        size_reduction=base.artifact.size_bytes / size_after if size_after else 0.0,
+    )
