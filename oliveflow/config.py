@@ -70,6 +70,13 @@ class QuantizeConfig(_Config):
     symmetric: bool = Field(True, description="Symmetric quantization (no zero points).")
     calibration_samples: int = Field(64, ge=1, description="Training examples used to calibrate gptq.")
 
+    @field_validator("algorithm")
+    @classmethod
+    def _available(cls, value: str) -> str:
+        if value == "awq":
+            raise ValueError("'awq' is not available yet (native AWQ is a separate issue); use rtn or gptq")
+        return value
+
     @field_validator("group_size")
     @classmethod
     def _group_size(cls, value: int) -> int:
@@ -117,8 +124,6 @@ class PipelineParams(_Config):
 
     @model_validator(mode="after")
     def _combinations(self) -> PipelineParams:
-        if self.quantize.algorithm == "awq":
-            raise ValueError("quantize.algorithm 'awq' is not available yet (issue: native AWQ); use rtn or gptq")
         if self.export.device == "gpu" and self.quantize.bits != 4:
             raise ValueError("export.device gpu needs quantize.bits 4 (int4 MatMulNBits)")
         return self

@@ -101,6 +101,7 @@ class Sample(_Result):
 
 
 class SmokeReport(_Result):
+    artifact: Artifact | None = Field(None, description="Where the report is stored, when it is.")
     passed: bool
     samples: list[Sample]
     load_seconds: float
@@ -113,3 +114,25 @@ class SmokeReport(_Result):
     size_before_bytes: int
     size_after_bytes: int
     size_reduction: float
+
+
+class StageRun(_Result):
+    name: str
+    cache: str = Field(description="'hit' (served from cache, nothing computed) or 'miss'.")
+    seconds: float
+    output_bytes: int = 0
+
+
+class PipelineResult(_Result):
+    """What one pipeline run produced; ``--json`` prints this."""
+
+    onnx_model_dir: Path
+    adapter_file: Path
+    size_reduction: float
+    samples: list[Sample]
+    stages: dict[str, StageRun]
+    base_model: BaseModelRef
+    quantized: QuantizedModel
+    adapter: Adapter
+    onnx: OnnxModel
+    smoke: SmokeReport

@@ -124,9 +124,10 @@ def compute_fingerprint(
 def read_marker(model_dir: Path) -> dict[str, Any] | None:
     """The build marker of a finished model folder, or None when absent or unreadable."""
     try:
-        return json.loads((Path(model_dir) / MARKER_NAME).read_text(encoding="utf-8"))
+        marker = json.loads((Path(model_dir) / MARKER_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return marker if isinstance(marker, dict) else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,7 +327,8 @@ def build_tiny_model(
     """Build (or reuse) the tiny pretrained Phi-3 + tokenizer in `out_dir`; returns `out_dir`.
 
     Reuses `out_dir` when its marker has the same fingerprint, unless `force`. Otherwise the
-    model is built in a temporary sibling folder and renamed into place, under a file lock.
+    model is built in a temporary sibling folder and renamed into place, under a file lock;
+    an existing `out_dir` is replaced only if it is empty or holds a marker.
     """
     from filelock import FileLock
 
@@ -342,6 +344,7 @@ def build_tiny_model(
         # Another process may have finished the same build while we waited for the lock.
         if not force and _is_built(out_dir, fingerprint):
             return out_dir
+        _check_replaceable(out_dir)  # fail before the build, not after it
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
         try:
             _build_into(tmp_dir, data_files, params, seed, fingerprint)
@@ -412,11 +415,20 @@ def _apply_umask_modes(folder: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
+def _check_replaceable(out_dir: Path) -> None:
+    """Never delete a folder this module did not write: a mistyped out_dir must not cost data."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir() or (any(out_dir.iterdir()) and read_marker(out_dir) is None):
+        raise FileExistsError(f"{out_dir} exists and is not a tiny-model folder; not replacing it")
+
+
 def _swap_into_place(tmp_dir: Path, out_dir: Path) -> None:
     """Rename `tmp_dir` to `out_dir`; an existing `out_dir` is moved aside first, then deleted."""
     if not out_dir.exists():
         os.replace(tmp_dir, out_dir)
         return
+    _check_replaceable(out_dir)
     # os.replace cannot overwrite a non-empty directory, so retire the old one by rename.
     trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
     old = trash / out_dir.name

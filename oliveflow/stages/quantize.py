@@ -30,7 +30,9 @@ def jsonl_data_config(name: str, path: Path, template: str, max_seq_len: int, ma
 
 
 def olive_config(base: BaseModelRef, config: QuantizeConfig, data: DataReport | None, template: str) -> dict:
-    qpass = {"bits": config.bits, "group_size": config.group_size, "sym": config.symmetric}
+    # lm_head too: ModelBuilder would otherwise re-quantize it to int4 on its own grid, and the
+    # adapter would have been trained against a head the exported model does not have.
+    qpass = {"bits": config.bits, "group_size": config.group_size, "sym": config.symmetric, "lm_head": True}
     workflow: dict = {"input_model": {"type": "HfModel", "model_path": str(base.artifact.path)},
                       "log_severity_level": 1}
     if config.algorithm == "rtn":

@@ -164,6 +164,34 @@ def test_changed_inputs_rebuild_atomically(tmp_path: Path, dataset: Path) -> Non
     assert _leftovers(tmp_path, "tiny") == []
 
 
+def test_force_rebuilds(tmp_path: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "tiny"
+    calls: list[Path] = []
+
+    def fake_build(tmp_dir: Path, *args: object) -> None:
+        calls.append(tmp_dir)
+        (tmp_dir / tm.MARKER_NAME).write_text(json.dumps({"fingerprint": "x", "n": len(calls)}))
+
+    monkeypatch.setattr(tm, "_build_into", fake_build)
+    tm.build_tiny_model([dataset], out, params=FAST)
+    tm.build_tiny_model([dataset], out, params=FAST, force=True)
+    assert len(calls) == 2
+    assert tm.read_marker(out) == {"fingerprint": "x", "n": 2}
+    assert _leftovers(tmp_path, "tiny") == []
+
+
+def test_refuses_to_replace_foreign_folder(tmp_path: Path, dataset: Path) -> None:
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError):
+        tm.build_tiny_model([dataset], out, params=FAST)
+    with pytest.raises(FileExistsError):
+        tm._swap_into_place(tmp_path / "fresh", out)  # the last-moment check, too
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert _leftovers(tmp_path, "precious") == []
+
+
 def test_failed_build_leaves_nothing(tmp_path: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(tmp_dir: Path, *args: object) -> None:
         (tmp_dir / "partial.bin").write_bytes(b"x")

@@ -1,0 +1,59 @@
+"""The parent flow: validate inputs, then quantize -> finetune -> export -> smoke test, each cached.
+
+Run it locally with ``python flows/pipeline.py`` (embedded default) or ``oliveflow run``.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+
+from oliveflow.config import PipelineParams
+from oliveflow.output import check_output_dir, publish
+from oliveflow.report import markdown
+from oliveflow.results import PipelineResult
+from oliveflow.store import ArtifactStore
+from tasks.stages import (
+    export_key, export_task, finetune_key, finetune_task, quantize_key, quantize_task, resolve_model_task,
+    run_cached, smoke_key, smoke_test_task, validate_data_task,
+)
+
+
+@flow(name="oliveflow-pipeline", log_prints=True)
+def pipeline(params: PipelineParams = PipelineParams()) -> PipelineResult:
+    """Base checkpoint + JSONL examples -> quantized, LoRA-tuned int4 ONNX model for onnxruntime-genai."""
+    check_output_dir(params.output_dir)
+    store = ArtifactStore(params.store_root())
+    template = params.data.template
+    progress = create_progress_artifact(0.0, description="oliveflow pipeline: stages done (%)")
+    data = validate_data_task(params.data)
+    base = resolve_model_task(params.model, params.quantize)
+
+    quantized, q_run = run_cached(
+        quantize_task, store, "quantize", quantize_key(store, base, params.quantize, data, template),
+        base=base, config=params.quantize, data=data, template=template)
+    update_progress_artifact(progress, 25.0)
+    adapter, f_run = run_cached(
+        finetune_task, store, "finetune", finetune_key(store, base, quantized, data, template, params.finetune),
+        base=base, model=quantized, data=data, template=template, config=params.finetune)
+    update_progress_artifact(progress, 50.0)
+    onnx, e_run = run_cached(
+        export_task, store, "export", export_key(store, quantized, adapter, params.export),
+        model=quantized, adapter=adapter, config=params.export)
+    update_progress_artifact(progress, 75.0)
+    smoke, s_run = run_cached(
+        smoke_test_task, store, "smoke_test", smoke_key(store, onnx, base, data, template, params.smoke_test),
+        onnx=onnx, base=base, data=data, template=template, config=params.smoke_test)
+    update_progress_artifact(progress, 100.0)
+
+    model_dir = publish(onnx.model_dir, params.output_dir) if params.output_dir else onnx.model_dir
+    result = PipelineResult(
+        onnx_model_dir=model_dir, adapter_file=model_dir / onnx.adapter_name, size_reduction=smoke.size_reduction,
+        samples=smoke.samples, stages={r.name: r for r in (q_run, f_run, e_run, s_run)},
+        base_model=base, quantized=quantized, adapter=adapter, onnx=onnx, smoke=smoke)
+    create_markdown_artifact(markdown(result), key="oliveflow-summary", description="oliveflow run summary")
+    return result
+
+
+if __name__ == "__main__":
+    print(markdown(pipeline()))

@@ -1,0 +1,192 @@
+"""The ``oliveflow`` command: run the pipeline in-process, or one stage alone for debugging.
+
+Inputs are checked (parameters, data files, model folder, output folder) before Prefect
+or Olive are imported, so bad input fails in about a second with one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from oliveflow.config import PipelineParams
+from oliveflow.errors import InputError, StageError
+
+STAGES = ("validate_data", "quantize", "finetune", "export", "smoke_test")
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _set(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for name in parents:
+        tree = tree.setdefault(name, {})
+    tree[leaf] = value
+
+
+def build_params(args: argparse.Namespace) -> PipelineParams:
+    raw: dict[str, Any] = {}
+    for flag, path in (("model", "model"), ("data", "data.train_path"), ("eval_data", "data.eval_path"),
+                       ("template", "data.template"), ("quantize", "quantize.algorithm"),
+                       ("max_steps", "finetune.max_steps"), ("output", "output_dir"), ("device", "export.device")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            _set(raw, path, value)
+    for item in args.param or []:
+        if "=" not in item:
+            raise InputError(f"--param {item!r} is not key=value; write e.g. --param finetune.r=8")
+        key, value = item.split("=", 1)
+        _set(raw, key.strip(), _value(value))
+    return PipelineParams.model_validate(raw)
+
+
+def _one_line(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    return f"invalid parameter {where}: {message}" if where else f"invalid parameters: {message}"
+
+
+def _preflight(params: PipelineParams) -> None:
+    from oliveflow.output import check_output_dir
+    from oliveflow.stages.data import validate_data
+    from oliveflow.stages.model import resolve_model
+
+    check_output_dir(params.output_dir)
+    validate_data(params.data)
+    resolve_model(params.model, params.quantize)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    params = build_params(args)
+    _preflight(params)
+    from flows.pipeline import pipeline
+    from oliveflow.report import markdown
+
+    result = pipeline(params)
+    if args.json:
+        summary = {
+            "onnx_model_dir": str(result.onnx_model_dir),
+            "adapter_file": str(result.adapter_file),
+            "size_reduction": result.size_reduction,
+            "samples": [{"prompt": s.prompt, "answer": s.finetuned_answer, "base_answer": s.base_answer}
+                        for s in result.samples],
+            "stages": {name: {"cache": r.cache, "seconds": r.seconds} for name, r in result.stages.items()},
+            "eval_loss": {"original": result.adapter.eval_loss_original,
+                          "quantized": result.adapter.eval_loss_quantized,
+                          "finetuned": result.adapter.eval_loss_finetuned},
+        }
+        print(json.dumps(summary))
+    else:
+        print(markdown(result))
+    return 0 if result.smoke.passed else 1
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    """Run one stage from given inputs into ``--output`` (no Prefect, no cache)."""
+    from oliveflow import results
+    from oliveflow.stages.data import validate_data
+    from oliveflow.stages.model import resolve_model
+    from oliveflow.store import RESULT_FILE, atomic_dir, load_result
+
+    params = build_params(args)
+    data = validate_data(params.data)
+    if args.name == "validate_data":
+        print(data.model_dump_json(indent=1))
+        return 0
+    base = resolve_model(params.model, params.quantize)
+    needs = {"finetune": ["quantized"], "export": ["quantized", "adapter"], "smoke_test": ["onnx"]}
+    for flag in needs.get(args.name, []):
+        if getattr(args, flag) is None:
+            raise InputError(f"stage {args.name} needs --{flag} DIR (the output folder of an earlier stage)")
+    if args.output is None and args.name != "smoke_test":
+        raise InputError(f"stage {args.name} needs --output DIR for its result")
+    template = params.data.template
+
+    def run(out: Path):
+        if args.name == "quantize":
+            from oliveflow.stages.quantize import quantize
+
+            return quantize(base, params.quantize, out, data=data, template=template)
+        if args.name == "finetune":
+            from oliveflow.stages.finetune import finetune
+
+            model = load_result(args.quantized, results.QuantizedModel)
+            return finetune(base, model, data, template, params.finetune, out)
+        if args.name == "export":
+            from oliveflow.stages.export import export_onnx
+
+            model = load_result(args.quantized, results.QuantizedModel)
+            return export_onnx(model, load_result(args.adapter, results.Adapter), params.export, out)
+        from oliveflow.stages.smoke_test import smoke_test
+
+        return smoke_test(load_result(args.onnx, results.OnnxModel), base, data, template, params.smoke_test)
+
+    if args.name == "smoke_test":
+        print(run(Path(".")).model_dump_json(indent=1))
+        return 0
+    with atomic_dir(Path(args.output).resolve()) as tmp:
+        outcome = run(tmp)
+        (tmp / RESULT_FILE).write_text(outcome.model_dump_json(indent=1))
+    print(outcome.model_copy(update={"artifact": None}).model_dump_json(indent=1))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="oliveflow", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", help="Hugging Face id, local model folder, or embedded:tiny-phi3 (default)")
+        p.add_argument("--data", type=Path, help="training JSONL (default: the bundled travel set)")
+        p.add_argument("--eval-data", type=Path, help="held-out JSONL")
+        p.add_argument("--template", help="text template with {field} placeholders")
+        p.add_argument("--quantize", choices=["rtn", "gptq", "awq"], help="quantization algorithm")
+        p.add_argument("--max-steps", type=int, help="LoRA optimizer steps")
+        p.add_argument("--device", choices=["cpu", "gpu"], help="export target")
+        p.add_argument("--param", action="append", metavar="KEY=VALUE",
+                       help="any parameter by dotted path, e.g. finetune.r=8 (repeatable)")
+
+    run = sub.add_parser("run", help="run the whole pipeline in-process (Prefect ephemeral mode)")
+    common(run)
+    run.add_argument("--output", type=Path, help="folder that receives the final model folder")
+    run.add_argument("--json", action="store_true", help="end stdout with one JSON summary object")
+    run.set_defaults(func=cmd_run)
+
+    stage = sub.add_parser("stage", help="run one stage alone from given inputs, for debugging")
+    stage.add_argument("name", choices=STAGES)
+    common(stage)
+    stage.add_argument("--output", type=Path, help="folder for this stage's output")
+    stage.add_argument("--quantized", type=Path, help="output folder of the quantize stage")
+    stage.add_argument("--adapter", type=Path, help="output folder of the finetune stage")
+    stage.add_argument("--onnx", type=Path, help="output folder of the export stage")
+    stage.set_defaults(func=cmd_stage)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValidationError as exc:
+        print(f"oliveflow: error: {_one_line(exc)}", file=sys.stderr)
+    except (InputError, StageError) as exc:
+        print(f"oliveflow: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("oliveflow: interrupted", file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Thin Prefect tasks over the stage functions: cache keys, the artifact store, retries, artifacts.
+
+Caching: each heavy stage's key is a hash of its inputs' content hashes, its canonical
+config, the versions of the libraries that shape its output and the store location.
+The artifact store is the source of truth: the task is forced to recompute
+(``refresh_cache``) whenever the store has no intact artifact under that key, so a Prefect
+cache hit can never hand out a path that is gone or altered. Results Prefect persists are
+the small manifests in ``oliveflow.results``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from oliveflow.config import DataConfig, ExportConfig, FinetuneConfig, QuantizeConfig, SmokeTestConfig
+from oliveflow.errors import InputError, StageError
+from oliveflow.hashing import config_sha256, library_versions
+from oliveflow.results import Adapter, BaseModelRef, DataReport, OnnxModel, QuantizedModel, SmokeReport, StageRun
+from oliveflow.stages.data import validate_data
+from oliveflow.stages.export import export_onnx
+from oliveflow.stages.finetune import finetune
+from oliveflow.stages.model import resolve_model
+from oliveflow.stages.quantize import quantize
+from oliveflow.stages.smoke_test import smoke_test
+from oliveflow.store import RESULT_FILE, ArtifactStore, load_result
+
+R = TypeVar("R", bound=BaseModel)
+
+
+def _transient(task, task_run, state) -> bool:
+    """Retry only what may pass on a second try (I/O hiccups), never bad input or a failed pass."""
+    try:
+        state.result()
+    except (InputError, StageError, ValueError, TypeError, KeyError):
+        return False
+    except (OSError, TimeoutError, ConnectionError):
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def _key_from_parameters(context, parameters: dict[str, Any]) -> str:
+    return parameters["key"]
+
+
+CACHED = dict(cache_key_fn=_key_from_parameters, persist_result=True, result_serializer="json",
+              retries=1, retry_delay_seconds=5, retry_condition_fn=_transient)
+
+
+def stage_key(stage: str, store: ArtifactStore, **inputs: Any) -> str:
+    return config_sha256({"stage": stage, "store": str(store.root), "versions": library_versions(), **inputs})
+
+
+def materialize(store: ArtifactStore, stage: str, key: str, result_type: type[R], build: Callable[[Path], R]) -> R:
+    """Serve the stage's result from the store, or build it in a temp folder and rename it in."""
+    if store.lookup(stage, key) is None:
+        with store.write(stage, key) as tmp:
+            (tmp / RESULT_FILE).write_text(build(tmp).model_dump_json(indent=1))
+    return load_result(store.path(stage, key), result_type)
+
+
+# ---- checks: cheap, always run, they produce the inputs of every key ----
+
+@task(name="validate_data", cache_policy=NO_CACHE)
+def validate_data_task(config: DataConfig) -> DataReport:
+    return validate_data(config)
+
+
+@task(name="resolve_model", cache_policy=NO_CACHE)
+def resolve_model_task(spec: str, quantize_config: QuantizeConfig) -> BaseModelRef:
+    return resolve_model(spec, quantize_config)
+
+
+# ---- heavy stages: cached on content ----
+
+def quantize_key(store: ArtifactStore, base: BaseModelRef, config: QuantizeConfig, data: DataReport,
+                 template: str) -> str:
+    # Only gptq calibrates on data; rtn's output depends on the model and config alone.
+    calibration = {"data": data.train_sha256, "template": template} if config.algorithm == "gptq" else None
+    return stage_key("quantize", store, model=base.artifact.sha256, config=config, calibration=calibration)
+
+
+@task(name="quantize", **CACHED)
+def quantize_task(key: str, store_root: str, base: BaseModelRef, config: QuantizeConfig, data: DataReport,
+                  template: str) -> QuantizedModel:
+    return materialize(ArtifactStore(store_root), "quantize", key, QuantizedModel,
+                       lambda out: quantize(base, config, out, data=data, template=template))
+
+
+def finetune_key(store: ArtifactStore, base: BaseModelRef, model: QuantizedModel, data: DataReport, template: str,
+                 config: FinetuneConfig) -> str:
+    return stage_key("finetune", store, base=base.artifact.sha256, model=model.artifact.sha256,
+                     data=data.train_sha256, eval=data.eval_sha256, template=template, config=config)
+
+
+@task(name="finetune", **CACHED)
+def finetune_task(key: str, store_root: str, base: BaseModelRef, model: QuantizedModel, data: DataReport,
+                  template: str, config: FinetuneConfig) -> Adapter:
+    return materialize(ArtifactStore(store_root), "finetune", key, Adapter,
+                       lambda out: finetune(base, model, data, template, config, out))
+
+
+def export_key(store: ArtifactStore, model: QuantizedModel, adapter: Adapter, config: ExportConfig) -> str:
+    return stage_key("export", store, model=model.artifact.sha256, adapter=adapter.artifact.sha256, config=config)
+
+
+@task(name="export_onnx", **CACHED)
+def export_task(key: str, store_root: str, model: QuantizedModel, adapter: Adapter, config: ExportConfig) -> OnnxModel:
+    return materialize(ArtifactStore(store_root), "export", key, OnnxModel,
+                       lambda out: export_onnx(model, adapter, config, out))
+
+
+def smoke_key(store: ArtifactStore, onnx: OnnxModel, base: BaseModelRef, data: DataReport, template: str,
+              config: SmokeTestConfig) -> str:
+    return stage_key("smoke_test", store, onnx=onnx.artifact.sha256, base=base.artifact.sha256,
+                     data=data.eval_sha256 or data.train_sha256, template=template, config=config)
+
+
+@task(name="smoke_test", **CACHED)
+def smoke_test_task(key: str, store_root: str, onnx: OnnxModel, base: BaseModelRef, data: DataReport,
+                    template: str, config: SmokeTestConfig) -> SmokeReport:
+    return materialize(ArtifactStore(store_root), "smoke_test", key, SmokeReport,
+                       lambda out: smoke_test(onnx, base, data, template, config))
+
+
+# ---- wiring helper for flows ----
+
+def run_cached(task_fn, store: ArtifactStore, stage: str, key: str, **kwargs: Any) -> tuple[Any, StageRun]:
+    """Call a cached stage task; recompute when the store has no intact artifact for ``key``.
+
+    Returns the result and how it was served: "hit" (Prefect record or intact store
+    artifact, no computation) or "miss".
+    """
+    intact = store.lookup(stage, key) is not None
+    started = time.perf_counter()
+    result = task_fn.with_options(refresh_cache=not intact)(key=key, store_root=str(store.root), **kwargs)
+    return result, StageRun(name=stage, cache="hit" if intact else "miss", seconds=time.perf_counter() - started,
+                            output_bytes=result.artifact.size_bytes if result.artifact else 0)

@@ -1,0 +1,58 @@
+"""Test-wide settings: every test runs offline, with its own oliveflow/Prefect homes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_HOME = Path(tempfile.mkdtemp(prefix="oliveflow-tests-"))
+os.environ["OLIVEFLOW_HOME"] = str(_HOME / "home")
+os.environ["PREFECT_HOME"] = str(_HOME / "prefect")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ["OLIVE_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN = REPO / "data" / "travel_train.jsonl"
+EVAL = REPO / "data" / "travel_eval.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The embedded model's architecture and tokenizer, briefly pretrained (fast to build)."""
+    from oliveflow.tiny_model import TinyModelParams, build_tiny_model
+
+    return build_tiny_model([TRAIN], tmp_path_factory.mktemp("models") / "tiny", params=TinyModelParams(steps=40))
+
+
+@pytest.fixture(scope="session")
+def chain(tiny_model_dir, tmp_path_factory):
+    """quantize -> finetune -> export on the tiny model, once per session."""
+    from oliveflow.config import DataConfig, ExportConfig, FinetuneConfig, QuantizeConfig
+    from oliveflow.stages.data import validate_data
+    from oliveflow.stages.export import export_onnx
+    from oliveflow.stages.finetune import finetune
+    from oliveflow.stages.model import resolve_model
+    from oliveflow.stages.quantize import quantize
+
+    root = tmp_path_factory.mktemp("chain")
+    data_config = DataConfig(train_path=TRAIN, eval_path=EVAL)
+    data = validate_data(data_config)
+    qconfig = QuantizeConfig(group_size=32)
+    base = resolve_model(str(tiny_model_dir), qconfig)
+    quantized = quantize(base, qconfig, _fresh(root / "quantize"))
+    adapter = finetune(base, quantized, data, data_config.template,
+                       FinetuneConfig(max_steps=30, learning_rate=3e-3), _fresh(root / "finetune"))
+    onnx = export_onnx(quantized, adapter, ExportConfig(), _fresh(root / "export"))
+    return {"base": base, "data": data, "template": data_config.template, "quantized": quantized,
+            "adapter": adapter, "onnx": onnx}
+
+
+def _fresh(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path

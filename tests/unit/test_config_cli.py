@@ -1,0 +1,59 @@
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from oliveflow.cli import _parser, build_params
+from oliveflow.config import PipelineParams, QuantizeConfig
+from oliveflow.errors import InputError
+
+
+def params(*argv):
+    return build_params(_parser().parse_args(["run", *argv]))
+
+
+def test_defaults_are_the_embedded_run():
+    p = PipelineParams()
+    assert p.model == "embedded:tiny-phi3" and p.quantize.algorithm == "rtn" and p.export.device == "cpu"
+
+
+def test_flags_and_dotted_params():
+    p = params("--max-steps", "7", "--param", "finetune.r=4", "--param", "quantize.group_size=64",
+               "--template", "{q} => {a}")
+    assert p.finetune.max_steps == 7 and p.finetune.r == 4 and p.quantize.group_size == 64
+    assert p.data.template == "{q} => {a}"
+
+
+def test_awq_is_refused_clearly():
+    with pytest.raises(ValidationError, match="awq.*not available yet"):
+        params("--quantize", "awq")
+
+
+def test_unknown_parameter_is_refused():
+    with pytest.raises(ValidationError):
+        params("--param", "finetune.rank=8")
+
+
+def test_param_without_equals():
+    with pytest.raises(InputError, match="not key=value"):
+        params("--param", "finetune.r")
+
+
+def test_group_size_must_be_power_of_two():
+    with pytest.raises(ValidationError):
+        QuantizeConfig(group_size=48)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "/no/such.jsonl"], "data file /no/such.jsonl does not exist"),
+    (["--model", "/no/such/model"], "model path /no/such/model does not exist"),
+    (["--quantize", "awq"], "invalid parameter quantize.algorithm: 'awq' is not available yet"),
+    (["--template", "no fields"], "invalid parameter data.template"),
+])
+def test_cli_bad_input_is_one_line_and_nonzero(argv, message):
+    done = subprocess.run([sys.executable, "-m", "oliveflow.cli", "run", *argv], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("oliveflow: error: ") and message in lines[0], done.stderr

@@ -1,0 +1,85 @@
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from oliveflow.config import DataConfig
+from oliveflow.errors import InputError
+from oliveflow.stages.data import prompt_and_reference, validate_data
+
+TEMPLATE = "<|user|>\n{prompt}<|end|>\n<|assistant|>\n{response}<|end|>"
+
+
+def write(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def rows(n):
+    return [json.dumps({"prompt": f"Where should I stay in town {i}?", "response": f"Stay near the old harbour {i}."})
+            for i in range(n)]
+
+
+def test_valid_data_reports_stats(tmp_path):
+    train = write(tmp_path / "t.jsonl", rows(3))
+    report = validate_data(DataConfig(train_path=train, eval_path=None, template=TEMPLATE))
+    assert report.rows == 3 and report.eval_rows == 0
+    assert report.fields == ["prompt", "response"]
+    assert report.chars_min <= report.chars_median <= report.chars_max
+    assert len(report.train_sha256) == 64
+
+
+def test_missing_file_names_the_path(tmp_path):
+    with pytest.raises(InputError, match=r"data file .*nope.jsonl does not exist"):
+        validate_data(DataConfig(train_path=tmp_path / "nope.jsonl", eval_path=None))
+
+
+def test_malformed_line_names_the_line(tmp_path):
+    train = write(tmp_path / "t.jsonl", rows(2) + ['{"prompt": "x", "response": '])
+    with pytest.raises(InputError, match=r"t.jsonl:3: not valid JSON"):
+        validate_data(DataConfig(train_path=train, eval_path=None))
+
+
+def test_missing_field_names_field_and_line(tmp_path):
+    train = write(tmp_path / "t.jsonl", rows(1) + [json.dumps({"prompt": "only a prompt"})])
+    with pytest.raises(InputError, match=r"t.jsonl:2: field 'response'"):
+        validate_data(DataConfig(train_path=train, eval_path=None))
+
+
+def test_non_object_line(tmp_path):
+    train = write(tmp_path / "t.jsonl", ["[1, 2]"])
+    with pytest.raises(InputError, match=r"t.jsonl:1: expected a JSON object"):
+        validate_data(DataConfig(train_path=train, eval_path=None))
+
+
+def test_empty_dataset(tmp_path):
+    train = write(tmp_path / "t.jsonl", ["", "  "])
+    with pytest.raises(InputError, match="has no examples"):
+        validate_data(DataConfig(train_path=train, eval_path=None))
+
+
+def test_bad_eval_file_is_checked_too(tmp_path):
+    train = write(tmp_path / "t.jsonl", rows(2))
+    evals = write(tmp_path / "e.jsonl", ["not json"])
+    with pytest.raises(InputError, match=r"e.jsonl:1"):
+        validate_data(DataConfig(train_path=train, eval_path=evals))
+
+
+def test_template_without_placeholders_is_refused():
+    with pytest.raises(ValidationError, match="no {field} placeholders"):
+        DataConfig(template="just text")
+
+
+def test_other_schema_through_the_template(tmp_path):
+    train = write(tmp_path / "t.jsonl", [json.dumps({"question": "Best month for Oslo?", "answer": "June.",
+                                                      "city": "Oslo"})])
+    config = DataConfig(train_path=train, eval_path=None, template="Q ({city}): {question}\nA: {answer}")
+    assert validate_data(config).fields == ["city", "question", "answer"]
+    prompt, reference = prompt_and_reference(config.template, {"city": "Oslo", "question": "Best month?",
+                                                               "answer": "June."})
+    assert prompt == "Q (Oslo): Best month?\nA: " and reference == "June."
+
+
+def test_bundled_dataset_is_valid():
+    report = validate_data(DataConfig())
+    assert report.rows >= 300 and report.eval_rows >= 40

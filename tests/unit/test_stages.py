@@ -1,0 +1,164 @@
+"""The stage chain on the tiny model: quantize -> LoRA on the quantized model -> export -> genai."""
+
+import json
+import math
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from oliveflow.config import ExportConfig, SmokeTestConfig
+from oliveflow.stages.export import export_onnx
+from oliveflow.stages.smoke_test import smoke_test
+
+
+def test_quantize_writes_an_olive_quantized_checkpoint(chain):
+    quantized = chain["quantized"]
+    config = json.loads((quantized.model_dir / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "olive"
+    assert config["quantization_config"]["group_size"] == 32
+    assert (quantized.artifact.path / "olive_config.json").is_file(), "the Olive config is saved beside the output"
+    assert not (quantized.artifact.path / ".olive-work").exists(), "Olive's copies are removed"
+    assert quantized.size_after_bytes < quantized.size_before_bytes
+
+
+def test_finetune_trains_on_the_quantized_model(chain):
+    adapter = chain["adapter"]
+    weights = load_file(adapter.adapter_dir / "adapter_model.safetensors")
+    assert any("qkv_proj.lora_A" in k for k in weights) and any("o_proj.lora_B" in k for k in weights)
+    assert len(adapter.train_loss) == 30
+    assert np.mean(adapter.train_loss[-5:]) < np.mean(adapter.train_loss[:5])
+    assert all(math.isfinite(x) for x in (adapter.eval_loss_original, adapter.eval_loss_quantized,
+                                          adapter.eval_loss_finetuned))
+    assert adapter.eval_loss_finetuned < adapter.eval_loss_quantized
+    saved = json.loads((adapter.artifact.path / "olive_config.json").read_text())
+    assert saved["passes"]["finetune"]["type"] == "QuantLoRA"
+
+
+def _unpack_nibbles(packed: np.ndarray) -> np.ndarray:
+    low, high = packed & 0x0F, packed >> 4
+    return np.stack([low, high], axis=-1).reshape(*packed.shape[:-1], -1)
+
+
+def _onnx_weights(model_dir) -> dict[str, np.ndarray]:
+    """Dequantize every MatMulNBits of the exported graph to an (out, in) float32 matrix."""
+    model = onnx.load(str(model_dir / "model.onnx"))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    weights = {}
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        n, k, block = attrs["N"], attrs["K"], attrs["block_size"]
+        codes = _unpack_nibbles(inits[node.input[1]]).reshape(n, -1).astype(np.float32)
+        scales = inits[node.input[2]].reshape(n, -1).astype(np.float32)
+        if len(node.input) > 3 and node.input[3]:
+            zeros = _unpack_nibbles(inits[node.input[3]]).reshape(n, -1)[:, : scales.shape[1]].astype(np.float32)
+        else:
+            zeros = np.full_like(scales, 8)
+        blocks = (codes.reshape(n, -1, block) - zeros[..., None]) * scales[..., None]
+        weights[node.input[1]] = blocks.reshape(n, -1)[:, :k]
+    return weights
+
+
+def test_export_copies_the_int4_grid_bit_exactly(chain):
+    """The exported base weights are exactly the quantize stage's int4 grid: nothing re-quantized."""
+    from olive.model import HfModelHandler
+
+    torch_model = HfModelHandler(model_path=str(chain["quantized"].model_dir)).load_model()
+    config = torch_model.config
+    q_size = config.num_attention_heads * (config.hidden_size // config.num_attention_heads)
+    kv_size = config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
+    exported = _onnx_weights(chain["onnx"].model_dir)
+    checked = 0
+    def grid(module):
+        return module.unpack_and_dequantize(module.qweight, module.scales, module.qzeros).float().numpy()
+
+    for i, layer in enumerate(torch_model.model.layers):
+        qkv, gate_up = grid(layer.self_attn.qkv_proj), grid(layer.mlp.gate_up_proj)
+        inter = config.intermediate_size
+        expected = {
+            "q_proj": qkv[:q_size], "k_proj": qkv[q_size:q_size + kv_size], "v_proj": qkv[q_size + kv_size:],
+            "o_proj": grid(layer.self_attn.o_proj), "gate_proj": gate_up[:inter], "up_proj": gate_up[inter:],
+            "down_proj": grid(layer.mlp.down_proj),
+        }
+        for name, weight in expected.items():
+            (key,) = [k for k in exported if f"layers.{i}." in k and f".{name}." in k and "lora" not in k]
+            np.testing.assert_array_equal(exported[key], weight, err_msg=key)
+            checked += 1
+    (head,) = [k for k in exported if k.startswith("lm_head")]
+    np.testing.assert_array_equal(exported[head], grid(torch_model.lm_head), err_msg=head)
+    assert checked == 7 * config.num_hidden_layers
+    assert not any("lora" in k for k in exported), "LoRA weights stay float (the model must run without them)"
+
+
+def _torch_and_genai_logits(chain, ids, with_adapter):
+    import onnxruntime_genai as og
+    from olive.model import HfModelHandler
+
+    from oliveflow.olive_ext import load_adapter
+
+    tuned = load_adapter(HfModelHandler(model_path=str(chain["quantized"].model_dir)).load_model(),
+                         chain["adapter"].adapter_dir).eval()
+    with torch.no_grad():
+        if with_adapter:
+            expected = tuned(input_ids=torch.tensor([ids])).logits[0, -1].numpy()
+        else:
+            with tuned.disable_adapter():
+                expected = tuned(input_ids=torch.tensor([ids])).logits[0, -1].numpy()
+    onnx_model = chain["onnx"]
+    model = og.Model(str(onnx_model.model_dir))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 4)
+    generator = og.Generator(model, params)
+    if with_adapter:
+        adapters = og.Adapters(model)
+        adapters.load(str(onnx_model.adapter_file), "a")
+        generator.set_active_adapter(adapters, "a")
+    generator.append_tokens(ids)
+    actual = np.asarray(generator.get_logits()).reshape(-1)[: expected.shape[0]]
+    return expected, actual
+
+
+@pytest.mark.parametrize("with_adapter", [True, False])
+def test_genai_matches_pytorch(chain, with_adapter):
+    """onnxruntime-genai reproduces the PyTorch model (quantized base, with or without the adapter)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(chain["quantized"].model_dir)
+    ids = tokenizer("<|user|>\nWhat should I pack for Lisbon?<|end|>\n<|assistant|>\n")["input_ids"]
+    expected, actual = _torch_and_genai_logits(chain, ids, with_adapter)
+    assert np.argmax(actual) == np.argmax(expected)
+    spread = expected.max() - expected.min()
+    assert np.abs(actual - expected).max() < 0.02 * spread
+
+
+def test_adapter_changes_the_output(chain):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(chain["quantized"].model_dir)
+    ids = tokenizer("<|user|>\nWhat should I pack for Lisbon?<|end|>\n<|assistant|>\n")["input_ids"]
+    _, tuned = _torch_and_genai_logits(chain, ids, True)
+    _, plain = _torch_and_genai_logits(chain, ids, False)
+    assert np.abs(tuned - plain).max() > 1e-3
+
+
+def test_smoke_test_reports_answers_latency_and_size(chain):
+    report = smoke_test(chain["onnx"], chain["base"], chain["data"], chain["template"],
+                        SmokeTestConfig(num_samples=2, max_new_tokens=12))
+    assert report.passed and len(report.samples) == 2
+    assert all(s.prompt.startswith("<|user|>") for s in report.samples)
+    assert report.ttft_seconds > 0 and report.decode_tokens_per_second > 0
+    assert report.token_latency_p90_ms >= report.token_latency_p50_ms > 0
+    assert report.size_reduction > 1 and report.size_after_bytes < report.size_before_bytes
+
+
+def test_gpu_export_builds_a_cuda_model_on_a_cpu_machine(chain, tmp_path):
+    """The CUDA option's export runs anywhere; running it needs the gpu extra (tested live only)."""
+    onnx_model = export_onnx(chain["quantized"], chain["adapter"], ExportConfig(device="gpu"), tmp_path)
+    genai = json.loads((onnx_model.model_dir / "genai_config.json").read_text())
+    providers = json.dumps(genai["model"]["decoder"]["session_options"]["provider_options"])
+    assert "cuda" in providers
+    assert onnx_model.adapter_file.is_file()
