@@ -19,7 +19,7 @@ from tasks.stages import (
 )
 
 
-@flow(name="oliveflow-pipeline", log_prints=True)
+@flow(name="oliveflow-pipeline")
 def pipeline(params: PipelineParams = PipelineParams()) -> PipelineResult:
     """Base checkpoint + JSONL examples -> quantized, LoRA-tuned int4 ONNX model for onnxruntime-genai."""
     check_output_dir(params.output_dir)

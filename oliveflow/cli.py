@@ -7,7 +7,9 @@ or Olive are imported, so bad input fails in about a second with one line on std
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -73,7 +75,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.pipeline import pipeline
     from oliveflow.report import markdown
 
-    result = pipeline(params)
+    # Libraries (Olive, ModelBuilder) print progress to stdout; keep it for the summary alone.
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        result = pipeline(params)
     if args.json:
         summary = {
             "onnx_model_dir": str(result.onnx_model_dir),
@@ -176,6 +180,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Nothing here may phone home: this runs on machines with no internet.
+    for name, value in (("OLIVE_DISABLE_TELEMETRY", "1"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
+                        ("HF_HUB_DISABLE_TELEMETRY", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+        os.environ.setdefault(name, value)
     try:
         return args.func(args)
     except ValidationError as exc:

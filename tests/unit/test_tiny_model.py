@@ -18,7 +18,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 BUNDLED_DATA = REPO_ROOT / "data" / "travel_train.jsonl"
 
 # A few steps are enough to exercise every code path; the real default is much longer.
-FAST = tm.TinyModelParams(vocab_size=512, batch_size=4, steps=8, warmup_steps=2)
+# One thread: on a busy 2-core box, 2 OpenMP threads on tiny ops spin at barriers (10-100x slower).
+FAST = tm.TinyModelParams(vocab_size=512, batch_size=4, steps=8, warmup_steps=2, num_threads=1)
 
 CITIES = ["Lisbon", "Kyoto", "Paris", "Rome", "Prague", "Vienna", "Seoul", "Lima", "Oslo", "Cairo"]
 TEMPLATES = [

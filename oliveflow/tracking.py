@@ -1,0 +1,410 @@
+"""MLflow tracking of one pipeline run: parameters, metrics, samples, configs, a chart, lineage, the model.
+
+Plain functions, no Prefect import: the flow's tracking task calls ``track_run`` after the
+stages. Tracking only reads the stage outputs, so a tracking server that is down fails
+this step (with one line, after a few tries) and leaves the built artifacts in the store
+and Prefect's cache for the next attempt.
+
+Where runs go: ``$MLFLOW_TRACKING_URI`` when set (any server or store), otherwise the fixed
+local store ``sqlite:///$OLIVEFLOW_HOME/mlflow/mlflow.db`` with artifacts under
+``$OLIVEFLOW_HOME/mlflow/artifacts`` (never ``./mlruns`` of whatever folder a command ran in).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from oliveflow.config import REPO_ROOT, oliveflow_home, template_fields
+from oliveflow.results import BaseModelRef, DataReport, PipelineResult
+
+DEFAULT_EXPERIMENT = "oliveflow-pipeline"
+MODEL_ARTIFACT = "model"
+CHART_FILE = "charts/size_latency.png"
+SAMPLES_FILE = "samples.json"
+# MLflow's own defaults retry 7 times with a 120 s timeout: minutes before a down server is
+# reported. These apply only while tracking, and only where the user has not set them.
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+_PARAM_LIMIT = 6000  # characters MLflow keeps per parameter value
+_BATCH = 100  # MLflow's per-request cap on params/tags
+
+
+class TrackingError(RuntimeError):
+    """The tracking server or store could not take the run."""
+
+
+class Lineage(BaseModel):
+    """Where a model came from: inputs' content hashes, code version, orchestrator run."""
+
+    model_config = ConfigDict(frozen=True)
+
+    data_sha256: str | None = Field(None, description="SHA-256 of the training JSONL file.")
+    eval_data_sha256: str | None = Field(None, description="SHA-256 of the eval JSONL file.")
+    base_model: str | None = Field(None, description="Base model spec as given (Hub id, folder, embedded).")
+    base_model_sha256: str | None = Field(None, description="Content hash of the resolved base model folder.")
+    git_commit: str | None = Field(None, description="HEAD of the code's git checkout; None outside one.")
+    git_dirty: bool | None = Field(None, description="True when tracked files differ from HEAD.")
+    flow_name: str | None = None
+    flow_run_id: str | None = None
+    flow_run_name: str | None = None
+    flow_run_url: str | None = None
+    deployment_name: str | None = None
+
+    def tags(self) -> dict[str, str]:
+        """Non-empty fields as string tags (the same names in MLflow and the registries)."""
+        return {k: str(v).lower() if isinstance(v, bool) else str(v)
+                for k, v in self.model_dump().items() if v is not None}
+
+
+class TrackedRun(BaseModel):
+    """Where one pipeline run was tracked."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tracking_uri: str
+    experiment_id: str
+    experiment_name: str
+    run_id: str
+    run_url: str | None = Field(None, description="The run's page, when the tracking URI is a server.")
+    model_uri: str | None = Field(None, description="URI of the logged pyfunc model (models:/<id>).")
+
+
+# ---- where to track ----
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{oliveflow_home().resolve() / 'mlflow' / 'mlflow.db'}"
+
+
+def tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI`` when set, else the fixed local SQLite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def artifact_root(uri: str) -> Path | None:
+    """Where a local store keeps artifacts: beside its database. None: the server decides."""
+    if uri == default_tracking_uri():
+        return oliveflow_home().resolve() / "mlflow" / "artifacts"
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):]).resolve().parent / "artifacts"
+    return None
+
+
+def _is_server(uri: str) -> bool:
+    return urlparse(uri).scheme in ("http", "https")
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str | None:
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}" if _is_server(uri) else None
+
+
+def check_tracking(uri: str, attempts: int = 3, timeout: float = 5.0, backoff: float = 1.0) -> None:
+    """Fail fast, in one line, when the tracking server does not answer (or the local store can't be made)."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrackingError(f"tracking: cannot create the MLflow store folder {db.parent} ({exc}); "
+                                "set OLIVEFLOW_HOME or MLFLOW_TRACKING_URI to a writable place") from exc
+        return
+    if not _is_server(uri):
+        return
+    import requests
+
+    problem = ""
+    for attempt in range(attempts):
+        try:
+            response = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout)
+            if response.ok:
+                return
+            problem = f"HTTP {response.status_code}"
+        except requests.RequestException as exc:
+            problem = type(exc).__name__
+        if attempt + 1 < attempts:
+            time.sleep(backoff * 2**attempt)
+    raise TrackingError(f"tracking: MLflow server {uri} did not answer after {attempts} tries ({problem}); "
+                        "start it, or unset MLFLOW_TRACKING_URI to track in the local store "
+                        f"({default_tracking_uri()})")
+
+
+# ---- lineage ----
+
+def _git(repo: Path, *args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _prefect_runtime() -> dict[str, str | None]:
+    """The current Prefect flow run, if any; tracking also works outside Prefect."""
+    try:
+        from prefect.runtime import deployment, flow_run
+    except ImportError:
+        return {}
+    return {"flow_name": flow_run.flow_name, "flow_run_id": flow_run.id, "flow_run_name": flow_run.name,
+            "flow_run_url": flow_run.ui_url, "deployment_name": deployment.name}
+
+
+def current_lineage(data: DataReport | None = None, base: BaseModelRef | None = None,
+                    repo: Path = REPO_ROOT) -> Lineage:
+    """Lineage of the running code: git HEAD of ``repo`` (None if not a checkout) and the Prefect run."""
+    commit = _git(repo, "rev-parse", "HEAD")
+    dirty = None if commit is None else bool(_git(repo, "status", "--porcelain", "--untracked-files=no"))
+    runtime = {k: (str(v) if v else None) for k, v in _prefect_runtime().items()}
+    return Lineage(data_sha256=data.train_sha256 if data else None,
+                   eval_data_sha256=data.eval_sha256 if data else None,
+                   base_model=base.spec if base else None, base_model_sha256=base.artifact.sha256 if base else None,
+                   git_commit=commit, git_dirty=dirty, **runtime)
+
+
+def experiment_name(lineage: Lineage, default: str = DEFAULT_EXPERIMENT) -> str:
+    """One experiment per deployment, else per flow."""
+    return lineage.deployment_name or lineage.flow_name or default
+
+
+# ---- what gets logged ----
+
+def flatten_params(params: BaseModel) -> dict[str, str]:
+    """Dotted parameter names -> text. ``mode="json"`` renders any SecretStr as '**********'."""
+    out: dict[str, str] = {}
+
+    def walk(value: Any, prefix: str) -> None:
+        if isinstance(value, dict) and value:
+            for key, item in value.items():
+                walk(item, f"{prefix}.{key}" if prefix else str(key))
+        else:
+            text = value if isinstance(value, str) else json.dumps(value)
+            out[prefix] = text[:_PARAM_LIMIT]
+
+    walk(params.model_dump(mode="json"), "")
+    return out
+
+
+def run_metrics(result: PipelineResult) -> dict[str, float]:
+    """Scalar metrics of a run (train loss per step is logged separately, with steps)."""
+    smoke, adapter, quantized = result.smoke, result.adapter, result.quantized
+    metrics: dict[str, float | None] = {
+        "size.original_bytes": smoke.size_before_bytes,
+        "size.onnx_bytes": smoke.size_after_bytes,
+        "size.reduction": result.size_reduction,
+        "size.quantized_checkpoint_bytes": quantized.size_after_bytes,
+        "latency.load_seconds": smoke.load_seconds,
+        "latency.ttft_ms.adapter": smoke.ttft_seconds * 1000,
+        "latency.ttft_ms.base": smoke.ttft_seconds_base * 1000,
+        "latency.decode_tokens_per_second.adapter": smoke.decode_tokens_per_second,
+        "latency.decode_tokens_per_second.base": smoke.decode_tokens_per_second_base,
+        "latency.token_p50_ms.adapter": smoke.token_latency_p50_ms,
+        "latency.token_p90_ms.adapter": smoke.token_latency_p90_ms,
+        # Present once the smoke test measures per-token latency without the adapter too.
+        "latency.token_p50_ms.base": getattr(smoke, "token_latency_p50_ms_base", None),
+        "latency.token_p90_ms.base": getattr(smoke, "token_latency_p90_ms_base", None),
+        "smoke.passed": float(smoke.passed),
+        "eval_loss_original": adapter.eval_loss_original,
+        "eval_loss_quantized": adapter.eval_loss_quantized,
+        "eval_loss_finetuned": adapter.eval_loss_finetuned,
+    }
+    for name, run in result.stages.items():
+        metrics[f"stage.{name}.seconds"] = run.seconds
+        metrics[f"stage.{name}.cache_hit"] = float(run.cache == "hit")
+        metrics[f"stage.{name}.output_bytes"] = run.output_bytes
+    return {k: float(v) for k, v in metrics.items() if v is not None}
+
+
+def run_tags(result: PipelineResult, lineage: Lineage) -> dict[str, str]:
+    tags = {**lineage.tags(), "content_sha256": result.onnx.artifact.sha256,
+            "smoke_passed": str(result.smoke.passed).lower()}
+    tags.update({f"stage.{name}.cache": run.cache for name, run in result.stages.items()})
+    if lineage.git_commit:
+        tags["mlflow.source.git.commit"] = lineage.git_commit  # shown by the MLflow UI
+    return tags
+
+
+def olive_configs(result: PipelineResult) -> dict[str, Path]:
+    """The Olive config each stage generated and saved beside its output."""
+    stages = {"quantize": result.quantized.artifact.path, "finetune": result.adapter.artifact.path,
+              "export": result.onnx.artifact.path}
+    return {name: folder / "olive_config.json" for name, folder in stages.items()
+            if (folder / "olive_config.json").is_file()}
+
+
+def size_latency_chart(result: PipelineResult):
+    """Size (original vs int4 ONNX) and latency (no adapter vs adapter) side by side.
+
+    A bare ``Figure`` renders with Agg and never touches pyplot's global backend.
+    """
+    from matplotlib.figure import Figure
+
+    smoke = result.smoke
+    fig = Figure(figsize=(11, 3.6), layout="constrained")
+    panels = fig.subplots(1, 3)
+    charts = [
+        ("Model size (MB)", ["original", "int4 ONNX"],
+         [smoke.size_before_bytes / 1e6, smoke.size_after_bytes / 1e6]),
+        ("Time to first token (ms)", ["no adapter", "adapter"],
+         [smoke.ttft_seconds_base * 1000, smoke.ttft_seconds * 1000]),
+        ("Decode (tokens/s)", ["no adapter", "adapter"],
+         [smoke.decode_tokens_per_second_base, smoke.decode_tokens_per_second]),
+    ]
+    for ax, (title, labels, values) in zip(panels, charts):
+        bars = ax.bar(labels, values, color=["#9aa5b1", "#2f7ed8"])
+        ax.bar_label(bars, fmt="%.3g")
+        ax.set_title(title)
+    fig.suptitle(f"{result.base_model.spec}: {result.size_reduction:.2f}x smaller")
+    return fig
+
+
+def samples_table(result: PipelineResult) -> dict[str, list[str]]:
+    return {"prompt": [s.prompt for s in result.samples],
+            "base_answer": [s.base_answer for s in result.samples],
+            "finetuned_answer": [s.finetuned_answer for s in result.samples]}
+
+
+def prompt_template(template: str) -> tuple[str, str] | None:
+    """(prompt part of the data template, its one field) for the pyfunc, when there is exactly one."""
+    fields = template_fields(template)
+    if len(fields) != 2:
+        return None
+    head = template[: template.rindex("{" + fields[-1])]
+    return head, fields[0]
+
+
+# ---- logging ----
+
+@contextlib.contextmanager
+def _http_limits() -> Iterator[None]:
+    added = {k: v for k, v in HTTP_LIMITS.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+@contextlib.contextmanager
+def _tracking_uri_set(uri: str) -> Iterator[None]:
+    """``log_model`` only knows the global tracking URI; set it for the call and put it back."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with _use_tracking_uri(uri):
+        yield
+
+
+def _experiment_id(client, name: str, uri: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        root = artifact_root(uri)
+        location = (root / name.replace("/", "_")).as_uri() if root else None
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException:  # created concurrently by another run
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        client.restore_experiment(experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def _log_batch(client, run_id: str, params: dict[str, str], tags: dict[str, str],
+               metrics: dict[str, float], train_loss: list[float]) -> None:
+    from mlflow.entities import Metric, Param, RunTag
+
+    now = int(time.time() * 1000)
+    param_items, tag_items = list(params.items()), list(tags.items())
+    for i in range(0, max(len(param_items), len(tag_items)), _BATCH):
+        client.log_batch(run_id, params=[Param(k, v) for k, v in param_items[i:i + _BATCH]],
+                         tags=[RunTag(k, v) for k, v in tag_items[i:i + _BATCH]])
+    entries = [Metric(k, v, now, 0) for k, v in metrics.items()]
+    entries += [Metric("train_loss", float(loss), now, step) for step, loss in enumerate(train_loss)]
+    for i in range(0, len(entries), 1000):
+        client.log_batch(run_id, metrics=entries[i:i + 1000])
+
+
+def _log_model(uri: str, run_id: str, result: PipelineResult, params: BaseModel) -> str:
+    """The exported folder as a pyfunc model (models from code; see oliveflow.mlflow_model)."""
+    from importlib import metadata
+
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    from oliveflow import mlflow_model
+
+    smoke_config = getattr(params, "smoke_test", None)
+    max_new_tokens = getattr(smoke_config, "max_new_tokens", mlflow_model.DEFAULT_MAX_NEW_TOKENS)
+    config: dict[str, Any] = {"max_new_tokens": max_new_tokens}
+    data_config = getattr(params, "data", None)
+    split = prompt_template(data_config.template) if data_config is not None else None
+    if split:
+        config["prompt_template"], config["prompt_field"] = split
+    signature = ModelSignature(inputs=Schema([ColSpec("string", "prompt")]), outputs=Schema([ColSpec("string")]),
+                               params=ParamSchema([ParamSpec("max_new_tokens", "long", max_new_tokens)]))
+    # Pinned requirements instead of MLflow's inference, which would load the model to find them.
+    requirements = [f"{name}=={metadata.version(name)}" for name in ("mlflow", "onnxruntime-genai", "onnxruntime")]
+    with _tracking_uri_set(uri), mlflow.start_run(run_id=run_id, nested=False):
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT, python_model=str(Path(mlflow_model.__file__)),
+            artifacts={"model_dir": str(result.onnx_model_dir)}, model_config=config, signature=signature,
+            pip_requirements=[*requirements, "pandas"])
+    return info.model_uri
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def track_run(result: PipelineResult, params: BaseModel, lineage: Lineage,
+              experiment: str = DEFAULT_EXPERIMENT, log_model: bool = True, uri: str | None = None) -> TrackedRun:
+    """Log one pipeline run to MLflow as one run of ``experiment``; return where it went.
+
+    Raises TrackingError (one line) when the server is down or a write fails after retries.
+    """
+    uri = uri or tracking_uri()
+    check_tracking(uri)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run_id = None
+    with _http_limits():
+        try:
+            experiment_id = _experiment_id(client, experiment, uri)
+            run = client.create_run(experiment_id, run_name=lineage.flow_run_name)
+            run_id = run.info.run_id
+            _log_batch(client, run_id, flatten_params(params), run_tags(result, lineage), run_metrics(result),
+                       result.adapter.train_loss)
+            for stage, path in olive_configs(result).items():
+                client.log_artifact(run_id, str(path), artifact_path=f"olive_configs/{stage}")
+            client.log_text(run_id, result.model_dump_json(indent=1), "pipeline_result.json")
+            client.log_table(run_id, samples_table(result), SAMPLES_FILE)
+            client.log_figure(run_id, size_latency_chart(result), CHART_FILE)
+            model_uri = _log_model(uri, run_id, result, params) if log_model else None
+            client.set_terminated(run_id, "FINISHED")
+        except Exception as exc:
+            _mark_failed(client, run_id)
+            raise TrackingError(f"tracking: logging to {uri} failed ({type(exc).__name__}: {_one_line(exc)}); "
+                                "the built model stays in the artifact store and cache, re-run to track it") from exc
+    return TrackedRun(tracking_uri=uri, experiment_id=experiment_id, experiment_name=experiment, run_id=run_id,
+                      run_url=run_url(uri, experiment_id, run_id), model_uri=model_uri)
+
+
+def _mark_failed(client, run_id: str | None) -> None:
+    if run_id is None:
+        return
+    with contextlib.suppress(Exception):  # the store may be what failed
+        client.set_terminated(run_id, "FAILED")
