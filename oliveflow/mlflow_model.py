@@ -28,10 +28,13 @@ def _prompts(model_input: Any) -> list[str]:
     if isinstance(model_input, str):
         return [model_input]
     if hasattr(model_input, "columns"):
-        if "prompt" not in model_input.columns:
-            raise ValueError(f"predict: the input DataFrame has columns {list(model_input.columns)}; "
-                             "pass a 'prompt' column (or a list of strings)")
-        return [str(p) for p in model_input["prompt"]]
+        # MLflow's schema check turns a list of strings into a one-column frame named 0.
+        if "prompt" in model_input.columns:
+            return [str(p) for p in model_input["prompt"]]
+        if len(model_input.columns) == 1:
+            return [str(p) for p in model_input.iloc[:, 0]]
+        raise ValueError(f"predict: the input DataFrame has columns {list(model_input.columns)}; "
+                         "pass a 'prompt' column (or a list of strings)")
     if isinstance(model_input, dict) and "prompt" in model_input:
         value = model_input["prompt"]
         return [value] if isinstance(value, str) else [str(p) for p in value]

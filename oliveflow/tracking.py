@@ -295,11 +295,20 @@ def _http_limits() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _tracking_uri_set(uri: str) -> Iterator[None]:
-    """``log_model`` only knows the global tracking URI; set it for the call and put it back."""
+    """``log_model`` only knows the global tracking URI; set it for the call and put it back.
+
+    MLflow's own restore also unsets ``$MLFLOW_TRACKING_URI`` when no URI was set in code,
+    so the variable is put back here too.
+    """
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    with _use_tracking_uri(uri):
-        yield
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if previous is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
 def _experiment_id(client, name: str, uri: str) -> str:
@@ -352,7 +361,7 @@ def _log_model(uri: str, run_id: str, result: PipelineResult, params: BaseModel)
     split = prompt_template(data_config.template) if data_config is not None else None
     if split:
         config["prompt_template"], config["prompt_field"] = split
-    signature = ModelSignature(inputs=Schema([ColSpec("string", "prompt")]), outputs=Schema([ColSpec("string")]),
+    signature = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]),
                                params=ParamSchema([ParamSpec("max_new_tokens", "long", max_new_tokens)]))
     # Pinned requirements instead of MLflow's inference, which would load the model to find them.
     requirements = [f"{name}=={metadata.version(name)}" for name in ("mlflow", "onnxruntime-genai", "onnxruntime")]

@@ -1,0 +1,766 @@
+"""Activation-aware weight quantization (AWQ, Lin et al., arXiv 2306.00978) in plain torch.
+
+AWQ here is a float-to-float transform that runs *before* Olive's ``Rtn`` pass: it changes
+the float weights so that round-to-nearest (same bits, group size and symmetry) loses less.
+
+1. Scale search and folding. For each pair "previous op -> following linears" in a decoder
+   layer, the input channels of the linears are multiplied by ``s = mean|x|**alpha``
+   (normalised by ``sqrt(max(s) * min(s))``) and the previous op's output is divided by
+   ``s``: the float model computes the same function, but salient channels (large
+   activations) get a finer quantization grid. ``alpha`` is searched on a grid in [0, 1];
+   ``alpha = 0`` is plain RTN, so the chosen scales never do worse on the calibration data.
+2. Clipping search (optional). Each group of a weight row is clamped to ``ratio`` of its
+   range where that lowers the group's output error on a token sample.
+
+The pseudo-quantizer in both searches is Olive's own ``WeightQuantizer.fake_quantize``, so
+the searches optimise the exact grid ``Rtn`` will produce. Work goes layer by layer (inputs
+of layer ``i + 1`` are the float outputs of layer ``i``), as AutoAWQ does, so memory stays
+at one layer's activations. Everything runs on the model's device.
+
+Covered: Llama, Mistral, Qwen2, Qwen3, Gemma (1-3) style layers (``q/k/v_proj``,
+``gate/up/down_proj``) and Phi-3 (fused ``qkv_proj`` and ``gate_up_proj``); the final norm ->
+``lm_head`` pair when the head is not tied to the embeddings. Skipped, and listed in the
+report: the v -> o pair under grouped-query attention (v and o shapes differ), pairs whose
+previous op is not a per-channel norm or linear, and norm folds that the norm's dtype cannot
+store (Gemma's ``(1 + w)`` norms in 16-bit for large scales).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor, nn
+
+from oliveflow.errors import InputError
+
+if TYPE_CHECKING:
+    from olive.common.quant.utils import WeightQuantizer
+    from transformers import PreTrainedModel
+
+# The lm_head's outputs are vocabulary-wide: search it on a token subsample to bound memory.
+HEAD_TOKENS = 2048
+# Largest relative error a norm fold may introduce when stored in the norm's dtype.
+FOLD_TOLERANCE = 1e-2
+# Elements per chunk of the clipping search's [groups, tokens, rows] products (~64 MB float32).
+CLIP_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass(frozen=True)
+class AwqSettings:
+    """What AWQ searches for; bits / group_size / symmetric must match the Rtn pass that follows."""
+
+    bits: int = 4
+    group_size: int = 32
+    symmetric: bool = True
+    grid: int = 20  # alpha in {0, 1/grid, ..., 1}
+    clip: bool = True  # weight clipping search after scaling
+    clip_grid: int = 20  # clip ratios 1, 1 - 1/clip_grid, ... (AutoAWQ's n_grid)
+    clip_max_shrink: float = 0.5  # ratios stop above 1 - clip_max_shrink (AutoAWQ's max_shrink)
+    clip_tokens: int = 512  # token subsample for clipping (AutoAWQ's n_sample_token)
+    lm_head: bool = True  # also the final norm -> lm_head pair (Olive Rtn with lm_head=True)
+    max_calibration_tokens: int = 4096
+
+    def validate(self) -> None:
+        if self.bits not in (2, 4, 8):
+            raise InputError(f"awq: bits={self.bits} is not supported; use 2, 4 or 8 (Olive's WeightQuantizer)")
+        if self.group_size == 0 or self.group_size < -1:
+            raise InputError(f"awq: group_size={self.group_size} is not supported; use a positive size or -1")
+        if self.grid < 1 or self.clip_grid < 1:
+            raise InputError("awq: grid and clip_grid must be >= 1")
+        if not 0 <= self.clip_max_shrink < 1:
+            raise InputError(f"awq: clip_max_shrink={self.clip_max_shrink} must be in [0, 1)")
+        if self.clip_tokens < 1 or self.max_calibration_tokens < 1:
+            raise InputError("awq: clip_tokens and max_calibration_tokens must be >= 1")
+
+    def quantizer(self) -> WeightQuantizer:
+        # Imported here: `olive` costs seconds to import and most callers of this module never search.
+        from olive.common.quant.utils import WeightQuantizer
+
+        return WeightQuantizer(bits=self.bits, symmetric=self.symmetric, group_size=self.group_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+
+class _Report(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class AwqGroupReport(_Report):
+    """One scaled pair; losses are the block-output MSE on the calibration tokens."""
+
+    name: str
+    alpha: float
+    loss_rtn: float  # alpha = 0, i.e. what Rtn alone would do
+    loss_awq: float  # at the chosen alpha
+
+
+class AwqClipReport(_Report):
+    """One clipped weight; losses are the mean per-group output MSE on the token sample."""
+
+    name: str
+    loss_before: float
+    loss_after: float
+    mean_ratio: float  # mean clip ratio over weight groups (1.0 = nothing clipped)
+
+
+class AwqLayerReport(_Report):
+    name: str  # "layers.3" or "lm_head"
+    groups: list[AwqGroupReport]
+    clips: list[AwqClipReport]
+    skipped: list[str]
+
+
+class AwqReport(_Report):
+    bits: int
+    group_size: int
+    symmetric: bool
+    samples: int
+    tokens: int
+    layers: list[AwqLayerReport]
+    seconds: float
+
+    @property
+    def alphas(self) -> dict[str, float]:
+        return {f"{layer.name}.{g.name}": g.alpha for layer in self.layers for g in layer.groups}
+
+
+# ---------------------------------------------------------------------------------------------
+# Scale math
+# ---------------------------------------------------------------------------------------------
+
+
+def channel_scales(x_abs_mean: Tensor, alpha: float) -> Tensor:
+    """Per-input-channel scales ``mean|x|**alpha``, normalised so that ``max * min == 1``.
+
+    The clamp keeps dead channels from producing zero (or, after normalising, infinite) scales.
+    """
+    scales = _wide(x_abs_mean).pow(alpha).clamp(min=1e-4)
+    return scales / (scales.max() * scales.min()).sqrt()
+
+
+def scaled_fake_quantize(weight: Tensor, scales: Tensor, quantizer: WeightQuantizer) -> Tensor:
+    """``Q(W * s) / s``: the weight an input ``x`` effectively meets after folding ``s``.
+
+    ``W * s`` is rounded to the weight's dtype first because that is what gets saved and what
+    Olive's Rtn then quantizes (in that dtype).
+    """
+    scaled = (_wide(weight) * scales).to(weight.dtype)
+    return (_wide(quantizer.fake_quantize(scaled)) / scales).to(weight.dtype)
+
+
+def _wide(t: Tensor) -> Tensor:
+    """At least float32 (float64 stays float64, so folds are exact to float64 precision in tests)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _abs_mean(inputs: Sequence[Tensor]) -> Tensor:
+    total = None
+    count = 0
+    for x in inputs:
+        flat = _wide(x.reshape(-1, x.shape[-1]))
+        part = flat.abs().sum(0)
+        total = part if total is None else total + part
+        count += flat.shape[0]
+    assert total is not None
+    return total / count
+
+
+# ---------------------------------------------------------------------------------------------
+# Folding: divide the previous op's outputs by s, multiply the next linears' input columns by s
+# ---------------------------------------------------------------------------------------------
+
+
+def norm_weight_offset(norm: nn.Module) -> float | None:
+    """0.0 for norms computing ``w * f(x) (+ b)``, 1.0 for Gemma's ``(1 + w) * f(x)``, else None.
+
+    Found by probing the module (not by class name) with an input of mean 0 and RMS 1, where
+    RMSNorm and LayerNorm both reduce to their per-channel affine part.
+    """
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 1 or weight.numel() % 2:
+        return None
+    bias = getattr(norm, "bias", None)
+    probe = torch.ones(weight.numel(), device=weight.device)
+    probe[1::2] = -1
+    out = norm(probe.to(weight.dtype)[None]).float().reshape(-1)
+    shift = bias.float() if isinstance(bias, Tensor) else 0.0
+    gain = (out - shift) * probe
+    tolerance = 2e-2 * (1 + weight.float().abs())
+    for offset in (0.0, 1.0):
+        if bool(torch.all((gain - (weight.float() + offset)).abs() <= tolerance)):
+            return offset
+    return None
+
+
+@dataclass
+class NormFold:
+    """Previous op is a per-channel norm: its gain (and bias) absorb ``1 / s``."""
+
+    norm: nn.Module
+    offset: float  # 1.0 for Gemma-style (1 + w) gains
+
+    def divide(self, scales: Tensor) -> None:
+        weight = self.norm.weight
+        gain = (_wide(weight) + self.offset) / scales
+        weight.copy_((gain - self.offset).to(weight.dtype))
+        bias = getattr(self.norm, "bias", None)
+        if isinstance(bias, Tensor):
+            bias.copy_((_wide(bias) / scales).to(bias.dtype))
+
+    def fold_error(self, scales: Tensor) -> float:
+        """Relative error of the folded gain once stored in the norm's dtype (bf16 Gemma norms lose here)."""
+        weight = self.norm.weight
+        gain = (_wide(weight) + self.offset) / scales
+        stored = _wide((gain - self.offset).to(weight.dtype)) + self.offset
+        return float(((stored - gain).abs() / gain.abs().clamp(min=1e-12)).max())
+
+
+@dataclass
+class RowsFold:
+    """Previous op is (a row range of) a linear: those output rows and their bias absorb ``1 / s``."""
+
+    linear: nn.Linear
+    rows: slice
+
+    def divide(self, scales: Tensor) -> None:
+        weight = self.linear.weight[self.rows]
+        weight.copy_((_wide(weight) / scales[:, None]).to(weight.dtype))
+        if self.linear.bias is not None:
+            bias = self.linear.bias[self.rows]
+            bias.copy_((_wide(bias) / scales).to(bias.dtype))
+
+    def fold_error(self, scales: Tensor) -> float:
+        return 0.0  # a row scale keeps the row's relative precision in any float dtype
+
+
+@dataclass
+class ScaleGroup:
+    """A previous op, the linears reading its output, and the block whose output is compared."""
+
+    name: str
+    prev: NormFold | RowsFold
+    linears: list[nn.Linear]
+    inspect: nn.Module  # block run in the search: the attention, the MLP or the linear itself
+    input_key: str  # which captured input feeds ``inspect`` (see _LayerPlan.taps)
+
+    def fold(self, scales: Tensor) -> None:
+        self.prev.divide(scales)
+        for linear in self.linears:
+            weight = linear.weight
+            weight.copy_((_wide(weight) * scales).to(weight.dtype))
+
+
+@dataclass
+class ClipTarget:
+    name: str
+    linear: nn.Linear
+    rows: slice  # q and k rows are left out: their error is amplified through softmax
+    input_key: str
+
+
+@dataclass
+class _LayerPlan:
+    groups: list[ScaleGroup] = field(default_factory=list)
+    clips: list[ClipTarget] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    # input key -> module whose first input is that key ("attn" also keeps the call's kwargs)
+    taps: dict[str, nn.Module] = field(default_factory=dict)
+
+
+def _linear(module: nn.Module | None, name: str) -> nn.Linear | None:
+    child = getattr(module, name, None) if module is not None else None
+    return child if isinstance(child, nn.Linear) else None
+
+
+def _norm_fold(norm: nn.Module | None) -> NormFold | None:
+    if norm is None:
+        return None
+    offset = norm_weight_offset(norm)
+    return None if offset is None else NormFold(norm, offset)
+
+
+def _attention_rows(config: Any, qkv: nn.Linear) -> tuple[slice, slice] | None:
+    """(q+k rows, v rows) of a fused qkv projection, or None when the sizes do not add up."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    q_rows, kv_rows = heads * head_dim, kv_heads * head_dim
+    if q_rows + 2 * kv_rows != qkv.out_features:
+        return None
+    return slice(0, q_rows + kv_rows), slice(q_rows + kv_rows, q_rows + 2 * kv_rows)
+
+
+def _plan_attention(layer: nn.Module, config: Any, plan: _LayerPlan) -> None:
+    attn = getattr(layer, "self_attn", None)
+    o_proj = _linear(attn, "o_proj")
+    fused = _linear(attn, "qkv_proj")
+    split = [_linear(attn, n) for n in ("q_proj", "k_proj", "v_proj")]
+    if fused is not None:
+        inputs, names = [fused], "self_attn.qkv_proj"
+        rows = _attention_rows(config, fused)
+        v = RowsFold(fused, rows[1]) if rows else None
+        if rows:
+            plan.clips.append(ClipTarget("self_attn.qkv_proj[v]", fused, rows[1], "attn"))
+    elif all(lin is not None for lin in split):
+        inputs = [lin for lin in split if lin is not None]
+        names = "self_attn.{q,k,v}_proj"
+        v = RowsFold(inputs[2], slice(0, inputs[2].out_features))
+        plan.clips.append(ClipTarget("self_attn.v_proj", inputs[2], slice(None), "attn"))
+    else:
+        plan.skipped.append("attention: no qkv_proj or q/k/v_proj linears; not scaled or clipped")
+        return
+    plan.taps["attn"] = attn
+
+    prev = _norm_fold(getattr(layer, "input_layernorm", None))
+    if prev is None:
+        plan.skipped.append(f"input_layernorm->{names}: previous op is not a per-channel norm")
+    else:
+        plan.groups.append(ScaleGroup(f"input_layernorm->{names}", prev, inputs, attn, "attn"))
+
+    if o_proj is None:
+        plan.skipped.append("self_attn.o_proj: not a linear; not scaled or clipped")
+        return
+    plan.taps["o"] = o_proj
+    plan.clips.append(ClipTarget("self_attn.o_proj", o_proj, slice(None), "o"))
+    v_name = "self_attn.qkv_proj[v]" if fused is not None else "self_attn.v_proj"
+    if v is None:
+        plan.skipped.append(f"{v_name}->self_attn.o_proj: cannot locate the v rows of the fused qkv_proj")
+    elif v.linear.weight[v.rows].shape[0] != o_proj.in_features:
+        # Grouped-query attention: one v row feeds several o_proj columns, so no per-channel scale fits.
+        plan.skipped.append(f"{v_name}->self_attn.o_proj: grouped-query attention "
+                            f"({v.linear.weight[v.rows].shape[0]} v rows, {o_proj.in_features} o_proj inputs)")
+    else:
+        plan.groups.append(ScaleGroup(f"{v_name}->self_attn.o_proj", v, [o_proj], o_proj, "o"))
+
+
+def _plan_mlp(layer: nn.Module, plan: _LayerPlan) -> None:
+    mlp = getattr(layer, "mlp", None)
+    down = _linear(mlp, "down_proj")
+    fused = _linear(mlp, "gate_up_proj")
+    gate, up = _linear(mlp, "gate_proj"), _linear(mlp, "up_proj")
+    if down is not None and fused is not None and fused.out_features == 2 * down.in_features:
+        # Phi-3 splits gate_up_proj's output as (gate, up) = chunk(2): the up rows are the second half.
+        inputs, names = [fused], "mlp.gate_up_proj"
+        up_fold, up_name = RowsFold(fused, slice(down.in_features, 2 * down.in_features)), "mlp.gate_up_proj[up]"
+        plan.clips.append(ClipTarget("mlp.gate_up_proj", fused, slice(None), "mlp"))
+    elif down is not None and gate is not None and up is not None:
+        inputs, names = [gate, up], "mlp.{gate,up}_proj"
+        up_fold, up_name = RowsFold(up, slice(0, up.out_features)), "mlp.up_proj"
+        plan.clips.append(ClipTarget("mlp.gate_proj", gate, slice(None), "mlp"))
+        plan.clips.append(ClipTarget("mlp.up_proj", up, slice(None), "mlp"))
+    else:
+        plan.skipped.append("mlp: no gate/up/down projections (e.g. mixture of experts); not scaled or clipped")
+        return
+    plan.taps["mlp"] = mlp
+    plan.taps["down"] = down
+    plan.clips.append(ClipTarget("mlp.down_proj", down, slice(None), "down"))
+
+    # Gemma 2/3 put post_attention_layernorm on the attention *output*; their MLP reads pre_feedforward_layernorm.
+    norm_name = "pre_feedforward_layernorm" if hasattr(layer, "pre_feedforward_layernorm") else "post_attention_layernorm"
+    prev = _norm_fold(getattr(layer, norm_name, None))
+    if prev is None:
+        plan.skipped.append(f"{norm_name}->{names}: previous op is not a per-channel norm")
+    else:
+        plan.groups.append(ScaleGroup(f"{norm_name}->{names}", prev, inputs, mlp, "mlp"))
+    # Exact because the MLP computes act(gate) * up: scaling up's rows scales down's inputs.
+    plan.groups.append(ScaleGroup(f"{up_name}->mlp.down_proj", up_fold, [down], down, "down"))
+
+
+def plan_layer(layer: nn.Module, config: Any) -> _LayerPlan:
+    """The scale groups and clip targets of one decoder layer, in the order they are searched."""
+    plan = _LayerPlan()
+    _plan_attention(layer, config, plan)
+    _plan_mlp(layer, plan)
+    return plan
+
+
+def _head_is_tied(model: PreTrainedModel, head: nn.Linear) -> bool:
+    embeddings = model.get_input_embeddings()
+    weight = getattr(embeddings, "weight", None)
+    return isinstance(weight, Tensor) and weight.data_ptr() == head.weight.data_ptr()
+
+
+def plan_head(model: PreTrainedModel, final_norm: nn.Module | None) -> _LayerPlan:
+    plan = _LayerPlan()
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        plan.skipped.append("lm_head: not a linear")
+        return plan
+    if _head_is_tied(model, head):
+        # Scaling or clipping the head would change the shared input embeddings too.
+        plan.skipped.append("norm->lm_head: lm_head is tied to the input embeddings; not scaled or clipped")
+        return plan
+    plan.taps["head"] = head
+    plan.clips.append(ClipTarget("lm_head", head, slice(None), "head"))
+    prev = _norm_fold(final_norm)
+    if prev is None:
+        plan.skipped.append("norm->lm_head: the final norm is missing or not a per-channel norm")
+    else:
+        plan.groups.append(ScaleGroup("norm->lm_head", prev, [head], head, "head"))
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# Searches
+# ---------------------------------------------------------------------------------------------
+
+BlockRunner = Callable[[Tensor, int], Tensor]  # (input of batch i, i) -> block output
+
+
+@dataclass(frozen=True)
+class ScaleSearch:
+    alpha: float
+    scales: Tensor
+    loss_rtn: float
+    loss_best: float
+    rejected: int  # alphas whose fold the previous op's dtype cannot store
+
+
+def _output_mse(run: BlockRunner, inputs: Sequence[Tensor], targets: Sequence[Tensor]) -> float:
+    total, count = 0.0, 0
+    for i, (x, target) in enumerate(zip(inputs, targets)):
+        out = run(x, i).float()
+        total += float((out - target).pow(2).sum())
+        count += target.numel()
+    return total / count
+
+
+def search_scales(group: ScaleGroup, inputs: Sequence[Tensor], run: BlockRunner,
+                  quantizer: WeightQuantizer, grid: int) -> ScaleSearch:
+    """Grid-search alpha for one group; the group's weights are restored before returning."""
+    x_mean = _abs_mean(inputs)
+    targets = [run(x, i).float() for i, x in enumerate(inputs)]
+    originals = [linear.weight.detach().clone() for linear in group.linears]
+    best: tuple[float, float, Tensor] | None = None
+    loss_rtn = math.nan
+    rejected = 0
+    try:
+        for step in range(grid + 1):
+            alpha = step / grid
+            scales = channel_scales(x_mean, alpha)
+            if step and group.prev.fold_error(scales) > FOLD_TOLERANCE:
+                rejected += 1
+                continue
+            for linear, weight in zip(group.linears, originals):
+                linear.weight.copy_(scaled_fake_quantize(weight, scales, quantizer))
+            loss = _output_mse(run, inputs, targets)
+            if step == 0:
+                loss_rtn = loss
+            # Strictly better only: ties keep the smaller alpha (alpha 0 = no change at all).
+            if best is None or loss < best[1]:
+                best = (alpha, loss, scales)
+    finally:
+        for linear, weight in zip(group.linears, originals):
+            linear.weight.copy_(weight)
+    assert best is not None
+    return ScaleSearch(alpha=best[0], scales=best[2], loss_rtn=loss_rtn, loss_best=best[1], rejected=rejected)
+
+
+@dataclass(frozen=True)
+class ClipSearch:
+    weight: Tensor  # the clipped rows, float32 (float64 for float64 inputs)
+    loss_before: float
+    loss_after: float
+    mean_ratio: float
+
+
+def search_clip(weight: Tensor, x: Tensor, quantizer: WeightQuantizer, *, grid: int = 20,
+                max_shrink: float = 0.5) -> ClipSearch:
+    """Per (row, group) clip ratio minimising that group's share of the output error.
+
+    ``weight`` is [rows, in_features] in the dtype Rtn will see; ``x`` is [tokens, in_features].
+    Symmetric grids clamp to ``+-ratio * absmax``, asymmetric ones to ``ratio * [min, max]``.
+    Groups are independent under group-wise quantization, so the per-group choice is exact
+    for the sum of per-group partial-output errors (AutoAWQ's objective).
+    """
+    rows, cols = weight.shape
+    group_size = quantizer.group_size if quantizer.group_size > 0 else cols
+    groups = cols // group_size
+    xg = _wide(x).reshape(-1, groups, group_size).transpose(0, 1)  # [g, n, k]
+    tokens = xg.shape[1]
+    steps = max(1, int(max_shrink * grid))
+    clipped = torch.empty(rows, cols, dtype=xg.dtype, device=weight.device)
+    err_before = torch.empty(rows, groups, device=weight.device)
+    err_after = torch.empty(rows, groups, device=weight.device)
+    ratio_sum = 0.0
+    chunk = max(1, CLIP_CHUNK_ELEMENTS // (groups * tokens))
+    for start in range(0, rows, chunk):
+        w = weight[start:start + chunk]
+        wg = _wide(w).reshape(-1, groups, group_size).to(xg.dtype)  # [r, g, k]
+        reference = torch.bmm(xg, wg.permute(1, 2, 0))  # [g, n, r]
+        if quantizer.symmetric:
+            hi = wg.abs().amax(-1, keepdim=True)
+            lo = -hi
+        else:
+            hi, lo = wg.amax(-1, keepdim=True), wg.amin(-1, keepdim=True)
+        best_err = torch.full(wg.shape[:2], math.inf, device=w.device)
+        best_ratio = torch.ones(*wg.shape[:2], 1, device=w.device)
+        for step in range(steps):
+            ratio = 1 - step / grid
+            candidate = torch.maximum(torch.minimum(wg, hi * ratio), lo * ratio)
+            q = quantizer.fake_quantize(candidate.reshape(w.shape).to(weight.dtype)).to(xg.dtype)
+            out = torch.bmm(xg, q.reshape(wg.shape).permute(1, 2, 0))
+            err = (out - reference).pow(2).mean(1).transpose(0, 1)  # [r, g]
+            if step == 0:
+                err_before[start:start + chunk] = err
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_ratio[better] = ratio
+        clipped[start:start + chunk] = torch.maximum(torch.minimum(wg, hi * best_ratio),
+                                                     lo * best_ratio).reshape(w.shape)
+        err_after[start:start + chunk] = best_err
+        ratio_sum += float(best_ratio.sum())
+    return ClipSearch(weight=clipped, loss_before=float(err_before.mean()), loss_after=float(err_after.mean()),
+                      mean_ratio=ratio_sum / (rows * groups))
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer-by-layer driver
+# ---------------------------------------------------------------------------------------------
+
+
+class _StopForward(Exception):
+    """Raised by the last decoder layer's recorder: nothing after it needs to run."""
+
+
+Call = tuple[tuple, dict]  # (positional args after hidden_states, kwargs) of one module call
+
+
+def _split_hidden(args: tuple, kwargs: dict) -> tuple[Tensor, Call]:
+    kwargs = dict(kwargs)
+    if "hidden_states" in kwargs:
+        return kwargs.pop("hidden_states"), (args, kwargs)
+    return args[0], (args[1:], kwargs)
+
+
+def _decoder_parts(model: PreTrainedModel) -> tuple[nn.ModuleList, nn.Module | None]:
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        raise InputError(f"awq: {type(model).__name__} has no decoder layers at model.layers; "
+                         "AWQ supports Llama/Mistral/Qwen/Gemma/Phi-3-style causal LMs")
+    return layers, getattr(decoder, "norm", None)
+
+
+def _calibration_batches(calibration: Sequence[Tensor], max_tokens: int, device: torch.device) -> list[Tensor]:
+    """[1, T] id batches, truncated to ``max_tokens`` in all; rows must be unpadded."""
+    batches: list[Tensor] = []
+    budget = max_tokens
+    for sample in calibration:
+        ids = torch.as_tensor(sample)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.is_floating_point():
+            raise InputError(f"awq: calibration items must be 1-D or [B, T] integer token ids, got {tuple(ids.shape)} "
+                             f"{ids.dtype}")
+        for row in ids:
+            row = row[:budget]
+            if row.numel():
+                batches.append(row[None].to(device=device, dtype=torch.long))
+                budget -= row.numel()
+            if budget <= 0:
+                return batches
+    if not batches:
+        raise InputError("awq: calibration holds no tokens; pass at least one non-empty token sequence")
+    return batches
+
+
+def _check_group_size(model: PreTrainedModel, layers: nn.ModuleList, settings: AwqSettings) -> None:
+    """Fail before any search on the linears Rtn would refuse anyway."""
+    if settings.group_size <= 0:
+        return
+    named = [(f"layers.{i}.{n}", m) for i, layer in enumerate(layers) for n, m in layer.named_modules()]
+    head = model.get_output_embeddings()
+    if settings.lm_head and head is not None:
+        named.append(("lm_head", head))
+    for name, module in named:
+        if isinstance(module, nn.Linear) and module.in_features % settings.group_size:
+            raise InputError(f"awq: {name} has {module.in_features} input features, not a multiple of "
+                             f"group_size {settings.group_size}; choose a group_size that divides it")
+
+
+def _capture_layer_inputs(model: PreTrainedModel, layers: nn.ModuleList,
+                          batches: Sequence[Tensor]) -> tuple[list[Tensor], list[list[Call]]]:
+    """Layer 0's hidden states and every layer's call arguments, per batch.
+
+    Every layer's forward is swapped for a recorder that passes its input through, and the
+    last one raises to stop the model: the embeddings run once and nothing else does. All
+    layers are recorded, not just layer 0, because some models (Gemma 2/3, Qwen with sliding
+    windows) pass each layer its own attention mask or position embeddings.
+    """
+    hidden: list[Tensor] = []
+    calls: list[list[Call]] = [[] for _ in layers]
+    saved = [layer.__dict__.get("forward") for layer in layers]
+
+    def recorder(index: int) -> Callable[..., Tensor]:
+        def forward(*args: Any, **kwargs: Any) -> Tensor:
+            states, call = _split_hidden(args, kwargs)
+            calls[index].append(call)
+            if index == 0:
+                hidden.append(states)
+            if index == len(layers) - 1:
+                raise _StopForward
+            return states
+
+        return forward
+
+    for index, layer in enumerate(layers):
+        layer.forward = recorder(index)
+    try:
+        for ids in batches:
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        for layer, forward in zip(layers, saved):
+            del layer.forward
+            if forward is not None:
+                layer.forward = forward
+    if len(hidden) != len(batches) or any(len(c) != len(batches) for c in calls):
+        raise RuntimeError("awq: the model did not call every decoder layer once per batch")
+    return hidden, calls
+
+
+def _first(output: Any) -> Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@dataclass
+class _Captured:
+    outputs: list[Tensor]
+    inputs: dict[str, list[Tensor]]
+    attn_calls: list[Call]
+
+
+def _run_layer(layer: nn.Module, plan: _LayerPlan, hidden: Sequence[Tensor], calls: Sequence[Call]) -> _Captured:
+    """Run the float layer once per batch, keeping its outputs and the inputs of every tap."""
+    inputs: dict[str, list[Tensor]] = {key: [] for key in plan.taps}
+    attn_calls: list[Call] = []
+
+    def tap(key: str) -> Callable[..., None]:
+        def hook(_: nn.Module, args: tuple, kwargs: dict) -> None:
+            states, call = _split_hidden(args, kwargs)
+            inputs[key].append(states)
+            if key == "attn":
+                attn_calls.append(call)
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(tap(key), with_kwargs=True)
+               for key, module in plan.taps.items() if key != "head"]
+    try:
+        outputs = [_first(layer(x, *args, **kwargs)) for x, (args, kwargs) in zip(hidden, calls)]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return _Captured(outputs, inputs, attn_calls)
+
+
+def _runner(group: ScaleGroup, captured: _Captured) -> BlockRunner:
+    if group.input_key == "attn":
+        def run_attention(x: Tensor, i: int) -> Tensor:
+            args, kwargs = captured.attn_calls[i]
+            return _first(group.inspect(x, *args, **kwargs))
+
+        return run_attention
+    return lambda x, _: _first(group.inspect(x))
+
+
+def _token_sample(inputs: Sequence[Tensor], limit: int) -> Tensor:
+    flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs])
+    step = max(1, flat.shape[0] // limit)
+    return flat[::step][:limit]
+
+
+def _process(name: str, plan: _LayerPlan, captured: _Captured, quantizer: WeightQuantizer,
+             settings: AwqSettings) -> AwqLayerReport:
+    """Search, fold and clip one layer's groups; the captured inputs follow each fold."""
+    groups: list[AwqGroupReport] = []
+    skipped = list(plan.skipped)
+    for group in plan.groups:
+        xs = captured.inputs[group.input_key]
+        found = search_scales(group, xs, _runner(group, captured), quantizer, settings.grid)
+        if found.rejected:
+            skipped.append(f"{group.name}: {found.rejected} alphas rejected, the fold would lose precision in "
+                           f"the previous op's dtype")
+        if found.alpha > 0:
+            group.fold(found.scales)
+            captured.inputs[group.input_key] = [(_wide(x) / found.scales).to(x.dtype) for x in xs]
+        groups.append(AwqGroupReport(name=group.name, alpha=found.alpha, loss_rtn=found.loss_rtn,
+                                     loss_awq=found.loss_best))
+    clips: list[AwqClipReport] = []
+    if settings.clip:
+        for target in plan.clips:
+            x = _token_sample(captured.inputs[target.input_key], settings.clip_tokens)
+            rows = target.linear.weight[target.rows]
+            found_clip = search_clip(rows, x, quantizer, grid=settings.clip_grid, max_shrink=settings.clip_max_shrink)
+            rows.copy_(found_clip.weight.to(rows.dtype))
+            clips.append(AwqClipReport(name=target.name, loss_before=found_clip.loss_before,
+                                       loss_after=found_clip.loss_after, mean_ratio=found_clip.mean_ratio))
+    return AwqLayerReport(name=name, groups=groups, clips=clips, skipped=skipped)
+
+
+def _model_device(model: PreTrainedModel) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def apply_awq(model: PreTrainedModel, calibration: Sequence[Tensor], settings: AwqSettings | None = None,
+              progress: Callable[[int, int], None] | None = None) -> AwqReport:
+    """Scale (and clip) ``model``'s float weights in place for a following Rtn pass; see the module doc.
+
+    ``calibration``: 1-D or [1, T] (or unpadded [B, T]) token-id tensors from the task's own
+    data; at most ``settings.max_calibration_tokens`` tokens are used. ``progress(done, total)``
+    is called after each decoder layer (and the lm_head).
+    """
+    started = time.perf_counter()
+    settings = settings or AwqSettings()
+    settings.validate()
+    layers, final_norm = _decoder_parts(model)
+    _check_group_size(model, layers, settings)
+    batches = _calibration_batches(calibration, settings.max_calibration_tokens, _model_device(model))
+    quantizer = settings.quantizer()
+    head_plan = plan_head(model, final_norm) if settings.lm_head else None
+    total = len(layers) + (1 if head_plan is not None else 0)
+
+    was_training = model.training
+    model.eval()
+    try:
+        hidden, calls = _capture_layer_inputs(model, layers, batches)
+        reports: list[AwqLayerReport] = []
+        for index, layer in enumerate(layers):
+            plan = plan_layer(layer, model.config)
+            captured = _run_layer(layer, plan, hidden, calls[index])
+            # The next layer reads the float outputs, computed before this layer is changed.
+            hidden = captured.outputs
+            calls[index] = []
+            reports.append(_process(f"layers.{index}", plan, captured, quantizer, settings))
+            del captured
+            if progress is not None:
+                progress(index + 1, total)
+        if head_plan is not None:
+            if head_plan.taps:
+                normed = [final_norm(h) if final_norm is not None else h for h in hidden]
+                sample = _token_sample(normed, HEAD_TOKENS)
+                captured = _Captured(outputs=[], inputs={"head": [sample]}, attn_calls=[])
+            else:
+                captured = _Captured(outputs=[], inputs={}, attn_calls=[])
+            reports.append(_process("lm_head", head_plan, captured, quantizer, settings))
+            if progress is not None:
+                progress(total, total)
+    finally:
+        model.train(was_training)
+
+    return AwqReport(bits=settings.bits, group_size=settings.group_size, symmetric=settings.symmetric,
+                     samples=len(batches), tokens=sum(b.numel() for b in batches), layers=reports,
+                     seconds=time.perf_counter() - started)
