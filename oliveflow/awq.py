@@ -27,6 +27,7 @@ store (Gemma's ``(1 + w)`` norms in 16-bit for large scales).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -34,7 +35,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
 from oliveflow.errors import InputError
@@ -65,6 +65,7 @@ class AwqSettings:
     clip_tokens: int = 512  # token subsample for clipping (AutoAWQ's n_sample_token)
     lm_head: bool = True  # also the final norm -> lm_head pair (Olive Rtn with lm_head=True)
     max_calibration_tokens: int = 4096
+    calibration_seq_len: int = 512  # pack samples into rows of this many tokens (0: use them as given)
 
     def validate(self) -> None:
         if self.bits not in (2, 4, 8):
@@ -75,8 +76,8 @@ class AwqSettings:
             raise InputError("awq: grid and clip_grid must be >= 1")
         if not 0 <= self.clip_max_shrink < 1:
             raise InputError(f"awq: clip_max_shrink={self.clip_max_shrink} must be in [0, 1)")
-        if self.clip_tokens < 1 or self.max_calibration_tokens < 1:
-            raise InputError("awq: clip_tokens and max_calibration_tokens must be >= 1")
+        if self.clip_tokens < 1 or self.max_calibration_tokens < 1 or self.calibration_seq_len < 0:
+            raise InputError("awq: clip_tokens and max_calibration_tokens must be >= 1, calibration_seq_len >= 0")
 
     def quantizer(self) -> WeightQuantizer:
         # Imported here: `olive` costs seconds to import and most callers of this module never search.
@@ -90,11 +91,8 @@ class AwqSettings:
 # ---------------------------------------------------------------------------------------------
 
 
-class _Report(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-
-class AwqGroupReport(_Report):
+@dataclass(frozen=True)
+class AwqGroupReport:
     """One scaled pair; losses are the block-output MSE on the calibration tokens."""
 
     name: str
@@ -103,7 +101,8 @@ class AwqGroupReport(_Report):
     loss_awq: float  # at the chosen alpha
 
 
-class AwqClipReport(_Report):
+@dataclass(frozen=True)
+class AwqClipReport:
     """One clipped weight; losses are the mean per-group output MSE on the token sample."""
 
     name: str
@@ -112,25 +111,32 @@ class AwqClipReport(_Report):
     mean_ratio: float  # mean clip ratio over weight groups (1.0 = nothing clipped)
 
 
-class AwqLayerReport(_Report):
+@dataclass(frozen=True)
+class AwqLayerReport:
     name: str  # "layers.3" or "lm_head"
-    groups: list[AwqGroupReport]
-    clips: list[AwqClipReport]
-    skipped: list[str]
+    groups: tuple[AwqGroupReport, ...]
+    clips: tuple[AwqClipReport, ...]
+    skipped: tuple[str, ...]
 
 
-class AwqReport(_Report):
+@dataclass(frozen=True)
+class AwqReport:
+    """What apply_awq did. Plain dataclasses (no pydantic) so the module runs wherever torch does."""
+
     bits: int
     group_size: int
     symmetric: bool
-    samples: int
+    samples: int  # calibration rows after packing
     tokens: int
-    layers: list[AwqLayerReport]
+    layers: tuple[AwqLayerReport, ...]
     seconds: float
 
     @property
     def alphas(self) -> dict[str, float]:
         return {f"{layer.name}.{g.name}": g.alpha for layer in self.layers for g in layer.groups}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,6 +258,7 @@ class ScaleGroup:
     inspect: nn.Module  # block run in the search: the attention, the MLP or the linear itself
     input_key: str  # which captured input feeds ``inspect`` (see _LayerPlan.taps)
 
+    @torch.no_grad()
     def fold(self, scales: Tensor) -> None:
         self.prev.divide(scales)
         for linear in self.linears:
@@ -428,17 +435,18 @@ class ScaleSearch:
 def _output_mse(run: BlockRunner, inputs: Sequence[Tensor], targets: Sequence[Tensor]) -> float:
     total, count = 0.0, 0
     for i, (x, target) in enumerate(zip(inputs, targets)):
-        out = run(x, i).float()
+        out = _wide(run(x, i))
         total += float((out - target).pow(2).sum())
         count += target.numel()
     return total / count
 
 
+@torch.no_grad()
 def search_scales(group: ScaleGroup, inputs: Sequence[Tensor], run: BlockRunner,
                   quantizer: WeightQuantizer, grid: int) -> ScaleSearch:
     """Grid-search alpha for one group; the group's weights are restored before returning."""
     x_mean = _abs_mean(inputs)
-    targets = [run(x, i).float() for i, x in enumerate(inputs)]
+    targets = [_wide(run(x, i)) for i, x in enumerate(inputs)]
     originals = [linear.weight.detach().clone() for linear in group.linears]
     best: tuple[float, float, Tensor] | None = None
     loss_rtn = math.nan
@@ -473,6 +481,7 @@ class ClipSearch:
     mean_ratio: float
 
 
+@torch.no_grad()
 def search_clip(weight: Tensor, x: Tensor, quantizer: WeightQuantizer, *, grid: int = 20,
                 max_shrink: float = 0.5) -> ClipSearch:
     """Per (row, group) clip ratio minimising that group's share of the output error.
@@ -489,8 +498,8 @@ def search_clip(weight: Tensor, x: Tensor, quantizer: WeightQuantizer, *, grid: 
     tokens = xg.shape[1]
     steps = max(1, int(max_shrink * grid))
     clipped = torch.empty(rows, cols, dtype=xg.dtype, device=weight.device)
-    err_before = torch.empty(rows, groups, device=weight.device)
-    err_after = torch.empty(rows, groups, device=weight.device)
+    err_before = torch.empty(rows, groups, dtype=xg.dtype, device=weight.device)
+    err_after = torch.empty(rows, groups, dtype=xg.dtype, device=weight.device)
     ratio_sum = 0.0
     chunk = max(1, CLIP_CHUNK_ELEMENTS // (groups * tokens))
     for start in range(0, rows, chunk):
@@ -502,8 +511,8 @@ def search_clip(weight: Tensor, x: Tensor, quantizer: WeightQuantizer, *, grid: 
             lo = -hi
         else:
             hi, lo = wg.amax(-1, keepdim=True), wg.amin(-1, keepdim=True)
-        best_err = torch.full(wg.shape[:2], math.inf, device=w.device)
-        best_ratio = torch.ones(*wg.shape[:2], 1, device=w.device)
+        best_err = torch.full(wg.shape[:2], math.inf, dtype=xg.dtype, device=w.device)
+        best_ratio = torch.ones(*wg.shape[:2], 1, dtype=xg.dtype, device=w.device)
         for step in range(steps):
             ratio = 1 - step / grid
             candidate = torch.maximum(torch.minimum(wg, hi * ratio), lo * ratio)
@@ -551,9 +560,15 @@ def _decoder_parts(model: PreTrainedModel) -> tuple[nn.ModuleList, nn.Module | N
     return layers, getattr(decoder, "norm", None)
 
 
-def _calibration_batches(calibration: Sequence[Tensor], max_tokens: int, device: torch.device) -> list[Tensor]:
-    """[1, T] id batches, truncated to ``max_tokens`` in all; rows must be unpadded."""
-    batches: list[Tensor] = []
+def _calibration_batches(calibration: Sequence[Tensor], max_tokens: int, seq_len: int,
+                         device: torch.device) -> list[Tensor]:
+    """[1, T] id batches holding at most ``max_tokens`` tokens in all.
+
+    With ``seq_len > 0`` the samples are concatenated and cut into rows of ``seq_len`` tokens,
+    as AutoAWQ does: short samples one by one would make per-call overhead dominate the search.
+    Rows must be unpadded (no attention mask is passed).
+    """
+    rows: list[Tensor] = []
     budget = max_tokens
     for sample in calibration:
         ids = torch.as_tensor(sample)
@@ -565,13 +580,17 @@ def _calibration_batches(calibration: Sequence[Tensor], max_tokens: int, device:
         for row in ids:
             row = row[:budget]
             if row.numel():
-                batches.append(row[None].to(device=device, dtype=torch.long))
+                rows.append(row.to(dtype=torch.long))
                 budget -= row.numel()
             if budget <= 0:
-                return batches
-    if not batches:
+                break
+        if budget <= 0:
+            break
+    if not rows:
         raise InputError("awq: calibration holds no tokens; pass at least one non-empty token sequence")
-    return batches
+    if seq_len > 0:
+        rows = list(torch.cat(rows).split(seq_len))
+    return [row[None].to(device) for row in rows]
 
 
 def _check_group_size(model: PreTrainedModel, layers: nn.ModuleList, settings: AwqSettings) -> None:
@@ -663,6 +682,10 @@ def _run_layer(layer: nn.Module, plan: _LayerPlan, hidden: Sequence[Tensor], cal
     finally:
         for handle in handles:
             handle.remove()
+    # Only the attention needs per-batch calls (masks, positions); the rest runs on all tokens at once.
+    for key in inputs:
+        if key != "attn":
+            inputs[key] = [torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs[key]])]
     return _Captured(outputs, inputs, attn_calls)
 
 
@@ -707,7 +730,7 @@ def _process(name: str, plan: _LayerPlan, captured: _Captured, quantizer: Weight
             rows.copy_(found_clip.weight.to(rows.dtype))
             clips.append(AwqClipReport(name=target.name, loss_before=found_clip.loss_before,
                                        loss_after=found_clip.loss_after, mean_ratio=found_clip.mean_ratio))
-    return AwqLayerReport(name=name, groups=groups, clips=clips, skipped=skipped)
+    return AwqLayerReport(name=name, groups=tuple(groups), clips=tuple(clips), skipped=tuple(skipped))
 
 
 def _model_device(model: PreTrainedModel) -> torch.device:
@@ -728,7 +751,8 @@ def apply_awq(model: PreTrainedModel, calibration: Sequence[Tensor], settings: A
     settings.validate()
     layers, final_norm = _decoder_parts(model)
     _check_group_size(model, layers, settings)
-    batches = _calibration_batches(calibration, settings.max_calibration_tokens, _model_device(model))
+    batches = _calibration_batches(calibration, settings.max_calibration_tokens, settings.calibration_seq_len,
+                                   _model_device(model))
     quantizer = settings.quantizer()
     head_plan = plan_head(model, final_norm) if settings.lm_head else None
     total = len(layers) + (1 if head_plan is not None else 0)
@@ -762,5 +786,5 @@ def apply_awq(model: PreTrainedModel, calibration: Sequence[Tensor], settings: A
         model.train(was_training)
 
     return AwqReport(bits=settings.bits, group_size=settings.group_size, symmetric=settings.symmetric,
-                     samples=len(batches), tokens=sum(b.numel() for b in batches), layers=reports,
+                     samples=len(batches), tokens=sum(b.numel() for b in batches), layers=tuple(reports),
                      seconds=time.perf_counter() - started)

@@ -96,6 +96,9 @@ class FinetuneConfig(_Config):
     batch_size: int = Field(8, ge=1, description="Examples per step.")
     max_seq_len: int = Field(128, ge=16, description="Token length examples are packed or cut to.")
     seed: int = Field(0, description="Training seed.")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Training precision: auto is bfloat16 on a CUDA GPU, float32 on CPU.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory (large models, long sequences).")
 
 
 class ExportConfig(_Config):

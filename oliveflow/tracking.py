@@ -25,6 +25,7 @@ from urllib.parse import urlparse
 from pydantic import BaseModel, ConfigDict, Field
 
 from oliveflow.config import REPO_ROOT, oliveflow_home, template_fields
+from oliveflow.hashing import config_sha256
 from oliveflow.results import BaseModelRef, DataReport, PipelineResult
 
 DEFAULT_EXPERIMENT = "oliveflow-pipeline"
@@ -99,12 +100,22 @@ def artifact_root(uri: str) -> Path | None:
     return None
 
 
+def public_uri(uri: str) -> str:
+    """The URI without a user:password part (``http://user:pw@host`` must not reach logs or tags)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    return urlunsplit(parts._replace(netloc=(parts.hostname or "") + (f":{parts.port}" if parts.port else "")))
+
+
 def _is_server(uri: str) -> bool:
     return urlparse(uri).scheme in ("http", "https")
 
 
 def run_url(uri: str, experiment_id: str, run_id: str) -> str | None:
-    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}" if _is_server(uri) else None
+    return f"{public_uri(uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}" if _is_server(uri) else None
 
 
 def check_tracking(uri: str, attempts: int = 3, timeout: float = 5.0, backoff: float = 1.0) -> None:
@@ -132,7 +143,7 @@ def check_tracking(uri: str, attempts: int = 3, timeout: float = 5.0, backoff: f
             problem = type(exc).__name__
         if attempt + 1 < attempts:
             time.sleep(backoff * 2**attempt)
-    raise TrackingError(f"tracking: MLflow server {uri} did not answer after {attempts} tries ({problem}); "
+    raise TrackingError(f"tracking: MLflow server {public_uri(uri)} did not answer after {attempts} tries ({problem}); "
                         "start it, or unset MLFLOW_TRACKING_URI to track in the local store "
                         f"({default_tracking_uri()})")
 
@@ -257,9 +268,10 @@ def size_latency_chart(result: PipelineResult):
         ("Decode (tokens/s)", ["no adapter", "adapter"],
          [smoke.decode_tokens_per_second_base, smoke.decode_tokens_per_second]),
     ]
-    for ax, (title, labels, values) in zip(panels, charts):
+    for ax, (title, labels, values) in zip(panels, charts, strict=True):
         bars = ax.bar(labels, values, color=["#9aa5b1", "#2f7ed8"])
         ax.bar_label(bars, fmt="%.3g")
+        ax.margins(y=0.12)  # room for the labels above the bars
         ax.set_title(title)
     fig.suptitle(f"{result.base_model.spec}: {result.size_reduction:.2f}x smaller")
     return fig
@@ -294,8 +306,11 @@ def _http_limits() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _tracking_uri_set(uri: str) -> Iterator[None]:
-    """``log_model`` only knows the global tracking URI; set it for the call and put it back.
+def using_tracking_uri(uri: str) -> Iterator[None]:
+    """Make ``uri`` MLflow's global tracking URI for a block, then put the previous one back.
+
+    Some MLflow calls only know the global URI (``log_model``; ``create_model_version``
+    resolving a ``models:/m-...`` source): without this they would open ./mlflow.db.
 
     MLflow's own restore also unsets ``$MLFLOW_TRACKING_URI`` when no URI was set in code,
     so the variable is put back here too.
@@ -344,7 +359,41 @@ def _log_batch(client, run_id: str, params: dict[str, str], tags: dict[str, str]
         client.log_batch(run_id, metrics=entries[i:i + 1000])
 
 
-def _log_model(uri: str, run_id: str, result: PipelineResult, params: BaseModel) -> str:
+def pyfunc_config(params: BaseModel) -> dict[str, Any]:
+    """The pyfunc's model config: answer length and the chat template the adapter was trained on."""
+    from oliveflow.mlflow_model import DEFAULT_MAX_NEW_TOKENS
+
+    smoke_config = getattr(params, "smoke_test", None)
+    config: dict[str, Any] = {"max_new_tokens": getattr(smoke_config, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS)}
+    data_config = getattr(params, "data", None)
+    split = prompt_template(data_config.template) if data_config is not None else None
+    if split:
+        config["prompt_template"], config["prompt_field"] = split
+    return config
+
+
+def _logged_model_tags(result: PipelineResult, config: dict[str, Any]) -> dict[str, str]:
+    return {"content_sha256": result.onnx.artifact.sha256, "pyfunc_config_sha256": config_sha256(config)}
+
+
+def _reuse_logged_model(client, experiment_id: str, run_id: str, tags: dict[str, str]) -> str | None:
+    """Link the same model, logged by an earlier run of this experiment, instead of copying it again.
+
+    A cache-hit re-run would otherwise add another full copy of the model (GBs at real scale).
+    """
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+    query = " AND ".join(f"tags.{k} = '{v}'" for k, v in tags.items())
+    ready = [m for m in client.search_logged_models([experiment_id], filter_string=query, max_results=20)
+             if m.status == LoggedModelStatus.READY]
+    if not ready:
+        return None
+    client.log_outputs(run_id, [LoggedModelOutput(ready[0].model_id, 0)])
+    return ready[0].model_uri
+
+
+def _log_model(client, uri: str, experiment_id: str, run_id: str, result: PipelineResult,
+               params: BaseModel) -> str:
     """The exported folder as a pyfunc model (models from code; see oliveflow.mlflow_model)."""
     from importlib import metadata
 
@@ -354,22 +403,20 @@ def _log_model(uri: str, run_id: str, result: PipelineResult, params: BaseModel)
 
     from oliveflow import mlflow_model
 
-    smoke_config = getattr(params, "smoke_test", None)
-    max_new_tokens = getattr(smoke_config, "max_new_tokens", mlflow_model.DEFAULT_MAX_NEW_TOKENS)
-    config: dict[str, Any] = {"max_new_tokens": max_new_tokens}
-    data_config = getattr(params, "data", None)
-    split = prompt_template(data_config.template) if data_config is not None else None
-    if split:
-        config["prompt_template"], config["prompt_field"] = split
+    config = pyfunc_config(params)
+    tags = _logged_model_tags(result, config)
+    reused = _reuse_logged_model(client, experiment_id, run_id, tags)
+    if reused:
+        return reused
     signature = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]),
-                               params=ParamSchema([ParamSpec("max_new_tokens", "long", max_new_tokens)]))
+                               params=ParamSchema([ParamSpec("max_new_tokens", "long", config["max_new_tokens"])]))
     # Pinned requirements instead of MLflow's inference, which would load the model to find them.
     requirements = [f"{name}=={metadata.version(name)}" for name in ("mlflow", "onnxruntime-genai", "onnxruntime")]
-    with _tracking_uri_set(uri), mlflow.start_run(run_id=run_id, nested=False):
+    with using_tracking_uri(uri), mlflow.start_run(run_id=run_id, nested=False):
         info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT, python_model=str(Path(mlflow_model.__file__)),
             artifacts={"model_dir": str(result.onnx_model_dir)}, model_config=config, signature=signature,
-            pip_requirements=[*requirements, "pandas"])
+            pip_requirements=[*requirements, "pandas"], tags=tags)
     return info.model_uri
 
 
@@ -402,14 +449,15 @@ def track_run(result: PipelineResult, params: BaseModel, lineage: Lineage,
             client.log_text(run_id, result.model_dump_json(indent=1), "pipeline_result.json")
             client.log_table(run_id, samples_table(result), SAMPLES_FILE)
             client.log_figure(run_id, size_latency_chart(result), CHART_FILE)
-            model_uri = _log_model(uri, run_id, result, params) if log_model else None
+            model_uri = _log_model(client, uri, experiment_id, run_id, result, params) if log_model else None
             client.set_terminated(run_id, "FINISHED")
         except Exception as exc:
             _mark_failed(client, run_id)
-            raise TrackingError(f"tracking: logging to {uri} failed ({type(exc).__name__}: {_one_line(exc)}); "
-                                "the built model stays in the artifact store and cache, re-run to track it") from exc
-    return TrackedRun(tracking_uri=uri, experiment_id=experiment_id, experiment_name=experiment, run_id=run_id,
-                      run_url=run_url(uri, experiment_id, run_id), model_uri=model_uri)
+            raise TrackingError(f"tracking: logging to {public_uri(uri)} failed ({type(exc).__name__}: "
+                                f"{_one_line(exc)}); the built model stays in the artifact store and cache, "
+                                "re-run to track it") from exc
+    return TrackedRun(tracking_uri=public_uri(uri), experiment_id=experiment_id, experiment_name=experiment,
+                      run_id=run_id, run_url=run_url(uri, experiment_id, run_id), model_uri=model_uri)
 
 
 def _mark_failed(client, run_id: str | None) -> None:

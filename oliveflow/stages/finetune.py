@@ -31,12 +31,12 @@ def olive_config(model: QuantizedModel, data: DataReport, template: str, config:
         "r": config.r,
         "alpha": config.alpha,
         "lora_dropout": config.dropout,
-        "torch_dtype": "float32",
+        "torch_dtype": _precision(config),
         "training_args": {
             "max_steps": config.max_steps,
             "learning_rate": config.learning_rate,
             "per_device_train_batch_size": config.batch_size,
-            "gradient_checkpointing": False,
+            "gradient_checkpointing": config.gradient_checkpointing,
             "seed": config.seed,
             "data_seed": config.seed,
             "logging_steps": 1,
@@ -53,6 +53,14 @@ def olive_config(model: QuantizedModel, data: DataReport, template: str, config:
         "passes": {"finetune": lora},
         "log_severity_level": 1,
     }
+
+
+def _precision(config: FinetuneConfig) -> str:
+    if config.precision != "auto":
+        return config.precision
+    import torch
+
+    return "bfloat16" if torch.cuda.is_available() else "float32"
 
 
 def eval_loss(model, tokenizer, texts: list[str], max_seq_len: int) -> float:
@@ -80,11 +88,14 @@ def measure_eval_losses(base: BaseModelRef, model: QuantizedModel, adapter_dir: 
 
     from oliveflow.olive_ext import load_adapter
 
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(model.model_dir)
-    original = AutoModelForCausalLM.from_pretrained(base.artifact.path, dtype="auto")
+    original = AutoModelForCausalLM.from_pretrained(base.artifact.path, dtype="auto").to(device)
     loss_original = eval_loss(original, tokenizer, texts, max_seq_len)
     del original
-    tuned = load_adapter(HfModelHandler(model_path=str(model.model_dir)).load_model(), adapter_dir)
+    tuned = load_adapter(HfModelHandler(model_path=str(model.model_dir)).load_model().to(device), adapter_dir)
     with tuned.disable_adapter():
         loss_quantized = eval_loss(tuned, tokenizer, texts, max_seq_len)
     loss_finetuned = eval_loss(tuned, tokenizer, texts, max_seq_len)

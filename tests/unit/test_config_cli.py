@@ -57,3 +57,17 @@ def test_cli_bad_input_is_one_line_and_nonzero(argv, message):
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("oliveflow: error: ") and message in lines[0], done.stderr
+
+
+def test_retry_only_transient_errors():
+    from prefect.states import Failed
+
+    from oliveflow.errors import StageError
+    from tasks.stages import _transient
+
+    def failed(exc):
+        return Failed(data=exc)
+
+    assert _transient(None, None, failed(ConnectionError("reset"))) is True
+    assert _transient(None, None, failed(StageError("no output model"))) is False
+    assert _transient(None, None, failed(InputError("bad line"))) is False

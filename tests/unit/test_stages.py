@@ -162,3 +162,19 @@ def test_gpu_export_builds_a_cuda_model_on_a_cpu_machine(chain, tmp_path):
     providers = json.dumps(genai["model"]["decoder"]["session_options"]["provider_options"])
     assert "cuda" in providers
     assert onnx_model.adapter_file.is_file()
+
+
+def test_stage_command_runs_stages_one_by_one(tiny_model_dir, tmp_path, capsys):
+    """`oliveflow stage NAME` chains stage outputs by folder, without Prefect."""
+    from oliveflow.cli import main
+
+    common = ["--model", str(tiny_model_dir), "--max-steps", "2", "--param", "smoke_test.num_samples=1"]
+    assert main(["stage", "quantize", *common, "--output", str(tmp_path / "q")]) == 0
+    assert main(["stage", "finetune", *common, "--quantized", str(tmp_path / "q"), "--output", str(tmp_path / "f")]) == 0
+    assert main(["stage", "export", *common, "--quantized", str(tmp_path / "q"), "--adapter", str(tmp_path / "f"),
+                 "--output", str(tmp_path / "e")]) == 0
+    capsys.readouterr()
+    assert main(["stage", "smoke_test", *common, "--onnx", str(tmp_path / "e")]) == 0
+    assert json.loads(capsys.readouterr().out)["samples"]
+    assert main(["stage", "finetune", *common, "--output", str(tmp_path / "x")]) == 2
+    assert "needs --quantized" in capsys.readouterr().err

@@ -1,0 +1,172 @@
+"""The lab at real scale: a random-weight model of Phi-3.5-mini's shape through every stage, measured.
+
+    python bench/bench_real_scale.py --out bench/results/real-scale-h100.json            # on the GPU machine
+    python bench/bench_real_scale.py --small --out /tmp/small.json                         # same code, tiny shape
+
+The model is built on the machine itself (no download): Phi3ForCausalLM with hidden 3072, 32 layers,
+32 heads, intermediate 8192, vocab 32064 (context 4096, so the short-RoPE variant), random bf16 weights.
+Stages are the pipeline's own functions, called directly (no Prefect). For each stage: wall seconds,
+peak GPU memory (torch), peak host RSS of this process (sampled every 50 ms) and bytes on disk of
+everything the chain has written so far. Quality numbers on random weights mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+PHI35 = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
+             num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096,
+             original_max_position_embeddings=4096)
+SMALL = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=4, vocab_size=4096, max_position_embeddings=512, original_max_position_embeddings=512)
+
+
+class PeakRss:
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._proc = psutil.Process()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            time.sleep(0.05)
+
+    def __enter__(self) -> PeakRss:
+        self.peak = self._proc.memory_info().rss
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def disk_bytes(*roots: Path) -> int:
+    return sum(p.stat().st_size for root in roots if root.exists() for p in root.rglob("*") if p.is_file())
+
+
+def build_model(shape: dict, folder: Path) -> None:
+    from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
+
+    from oliveflow.tiny_model import TinyModelParams, build_tiny_model
+
+    tokenizer_src = build_tiny_model([REPO / "data" / "travel_train.jsonl"], folder.parent / "tokenizer-src",
+                                     params=TinyModelParams(steps=1, num_threads=4))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_src)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = Phi3Config(**shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Phi3ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    shutil.rmtree(folder.parent / "tokenizer-src")
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="tiny shape, for checking the script on a CPU")
+    parser.add_argument("--quantize", default="rtn", help="quantize.algorithm")
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--max-steps", type=int, default=100)
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    from oliveflow.config import DataConfig, ExportConfig, FinetuneConfig, QuantizeConfig, SmokeTestConfig
+    from oliveflow.stages.data import validate_data
+    from oliveflow.stages.export import export_onnx
+    from oliveflow.stages.finetune import finetune
+    from oliveflow.stages.model import resolve_model
+    from oliveflow.stages.quantize import quantize
+    from oliveflow.stages.smoke_test import smoke_test
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="oliveflow-real-scale-"))
+    os.environ.setdefault("OLIVEFLOW_HOME", str(work / "home"))
+    base_dir, stage_root = work / "base", work / "stages"
+    data_config = DataConfig()
+    data = validate_data(data_config)
+    qconfig = QuantizeConfig(algorithm=args.quantize, group_size=args.group_size)
+    fconfig = FinetuneConfig(r=64, alpha=16, learning_rate=2e-4, batch_size=8, max_seq_len=1024,
+                             max_steps=args.max_steps, gradient_checkpointing=args.gradient_checkpointing)
+    results: dict = {"stages": {}}
+    products: dict = {}
+
+    def measure(name: str, fn):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        with PeakRss() as rss:
+            value = fn()
+        results["stages"][name] = {
+            "seconds": round(time.perf_counter() - started, 1),
+            "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+            "peak_host_rss_gb": round(rss.peak / 2**30, 2),
+            "disk_gb_after": round(disk_bytes(base_dir, stage_root, work / "home") / 2**30, 2),
+        }
+        print(name, json.dumps(results["stages"][name]), flush=True)
+        return value
+
+    def fresh(name: str) -> Path:
+        path = stage_root / name
+        path.mkdir(parents=True)
+        return path
+
+    measure("build_base", lambda: build_model(SMALL if args.small else PHI35, base_dir))
+    base = resolve_model(str(base_dir), qconfig)
+    products["quantized"] = measure("quantize", lambda: quantize(base, qconfig, fresh("quantize"), data=data,
+                                                                  template=data_config.template))
+    products["adapter"] = measure("finetune", lambda: finetune(base, products["quantized"], data,
+                                                               data_config.template, fconfig, fresh("finetune")))
+    products["onnx"] = measure("export", lambda: export_onnx(products["quantized"], products["adapter"],
+                                                             ExportConfig(), fresh("export")))
+    smoke = measure("smoke_test", lambda: smoke_test(products["onnx"], base, data, data_config.template,
+                                                     SmokeTestConfig(num_samples=3, max_new_tokens=48)))
+    gpu = (subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                          capture_output=True, text=True).stdout.strip() if shutil.which("nvidia-smi") else None)
+    results.update({
+        "shape": SMALL if args.small else PHI35,
+        "settings": {"quantize": qconfig.model_dump(), "finetune": fconfig.model_dump(), "export": "cpu int4"},
+        "machine": {"gpu": gpu, "cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30),
+                    "python": platform.python_version(), "torch": torch.__version__},
+        "sizes_gb": {"base_weights": round(base.artifact.size_bytes / 1e9, 3),
+                     "quantized_weights": round(products["quantized"].size_after_bytes / 1e9, 3),
+                     "onnx_model": round(smoke.size_after_bytes / 1e9, 3),
+                     "onnx_adapter_mb": round(products["onnx"].adapter_file.stat().st_size / 1e6, 1),
+                     "peft_adapter_mb": round(disk_bytes(products["adapter"].adapter_dir) / 1e6, 1)},
+        "size_reduction": round(smoke.size_reduction, 2),
+        "train_steps_logged": len(products["adapter"].train_loss),
+        "smoke": {"passed": smoke.passed, "load_seconds": round(smoke.load_seconds, 2),
+                  "ttft_seconds": round(smoke.ttft_seconds, 3),
+                  "decode_tokens_per_second": round(smoke.decode_tokens_per_second, 1),
+                  "decode_tokens_per_second_no_adapter": round(smoke.decode_tokens_per_second_base, 1)},
+        "disk_gb_whole_chain": round(disk_bytes(base_dir, stage_root, work / "home") / 2**30, 2),
+        "total_seconds_stages": round(sum(s["seconds"] for s in results["stages"].values()), 1),
+    })
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

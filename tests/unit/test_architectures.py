@@ -1,0 +1,49 @@
+"""Other architectures the exporter takes go through the same chain (random weights, tiny shapes)."""
+
+import pytest
+import torch
+
+from oliveflow.config import DataConfig, ExportConfig, FinetuneConfig, QuantizeConfig, SmokeTestConfig
+from oliveflow.stages.data import validate_data
+from oliveflow.stages.export import export_onnx
+from oliveflow.stages.finetune import finetune
+from oliveflow.stages.model import resolve_model
+from oliveflow.stages.quantize import quantize
+from oliveflow.stages.smoke_test import smoke_test
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
+TRAIN, EVAL = REPO / "data" / "travel_train.jsonl", REPO / "data" / "travel_eval.jsonl"
+
+
+def _build(kind: str, tokenizer_dir, folder):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    common = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = (LlamaForCausalLM(LlamaConfig(**common)) if kind == "llama" else Qwen2ForCausalLM(Qwen2Config(**common)))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_chain_on_other_architecture(kind, tiny_model_dir, tmp_path):
+    folder = _build(kind, tiny_model_dir, tmp_path / kind)
+    data_config = DataConfig(train_path=TRAIN, eval_path=EVAL)
+    data = validate_data(data_config)
+    qconfig = QuantizeConfig(group_size=32)
+    base = resolve_model(str(folder), qconfig)
+    dirs = {name: tmp_path / name for name in ("q", "f", "e")}
+    for path in dirs.values():
+        path.mkdir()
+    quantized = quantize(base, qconfig, dirs["q"])
+    adapter = finetune(base, quantized, data, data_config.template,
+                       FinetuneConfig(max_steps=3, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]),
+                       dirs["f"])
+    onnx = export_onnx(quantized, adapter, ExportConfig(), dirs["e"])
+    report = smoke_test(onnx, base, data, data_config.template, SmokeTestConfig(num_samples=1, max_new_tokens=4))
+    assert report.samples and report.decode_tokens_per_second > 0

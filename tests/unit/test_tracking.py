@@ -1,0 +1,207 @@
+"""MLflow tracking on a real local SQLite store: what one pipeline run logs, where, and how it fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from oliveflow.config import REPO_ROOT
+from oliveflow.tracking import (
+    Lineage, TrackingError, artifact_root, current_lineage, default_tracking_uri, experiment_name, flatten_params,
+    track_run, tracking_uri,
+)
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def test_default_store_is_a_fixed_place_not_the_working_folder(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("OLIVEFLOW_HOME", str(tmp_path / "home"))
+    assert tracking_uri() == f"sqlite:///{tmp_path / 'home' / 'mlflow' / 'mlflow.db'}" == default_tracking_uri()
+    assert artifact_root(tracking_uri()) == tmp_path / "home" / "mlflow" / "artifacts"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert tracking_uri() == "http://mlflow.example:5000"
+    assert artifact_root(tracking_uri()) is None, "a server decides where its artifacts go"
+
+
+def test_params_are_flattened_with_dotted_names(run_params):
+    flat = flatten_params(run_params)
+    assert flat["finetune.r"] == "16" and flat["quantize.algorithm"] == "rtn"
+    assert flat["smoke_test.max_new_tokens"] == "12" and flat["data.template"] == run_params.data.template
+    assert flat["finetune.target_modules"] == "null" and flat["model"] == run_params.model
+
+
+def test_lineage_reads_git_and_the_prefect_runtime(monkeypatch, tmp_path, chain):
+    head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    outside = current_lineage(chain["data"], chain["base"])
+    assert outside.git_commit == (head.stdout.strip() if head.returncode == 0 else None)
+    assert outside.flow_run_id is None and outside.data_sha256 == chain["data"].train_sha256
+    assert outside.base_model_sha256 == chain["base"].artifact.sha256
+    assert current_lineage(repo=tmp_path).git_commit is None, "not a git checkout"
+    # prefect.runtime takes these overrides; inside a flow run it reads the run context instead.
+    monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__ID", "run-123")
+    monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__UI_URL", "http://prefect:4200/runs/flow-run/run-123")
+    monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__FLOW_NAME", "oliveflow-pipeline")
+    monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__NAME", "nightly")
+    inside = current_lineage()
+    assert (inside.flow_run_id, inside.flow_run_url) == ("run-123", "http://prefect:4200/runs/flow-run/run-123")
+    assert experiment_name(inside) == "nightly"
+    assert experiment_name(Lineage(flow_name="oliveflow-pipeline")) == "oliveflow-pipeline"
+
+
+def test_run_has_params_metrics_and_lineage_tags(tracked, mlflow_uri, pipeline_result, lineage, run_params):
+    run = _client(mlflow_uri).get_run(tracked.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "tidy-olive"
+    assert flatten_params(run_params).items() <= run.data.params.items()  # log_model adds the model config
+    metrics, smoke = run.data.metrics, pipeline_result.smoke
+    for stage, cache in (("quantize", 0.0), ("finetune", 1.0), ("export", 0.0), ("smoke_test", 0.0)):
+        assert metrics[f"stage.{stage}.cache_hit"] == cache and f"stage.{stage}.seconds" in metrics
+    assert run.data.tags["stage.finetune.cache"] == "hit"
+    assert metrics["size.original_bytes"] == smoke.size_before_bytes
+    assert metrics["size.onnx_bytes"] == smoke.size_after_bytes
+    assert metrics["size.reduction"] == pytest.approx(pipeline_result.size_reduction) and metrics["size.reduction"] > 1
+    assert metrics["latency.ttft_ms.adapter"] == pytest.approx(smoke.ttft_seconds * 1000)
+    assert metrics["latency.ttft_ms.base"] == pytest.approx(smoke.ttft_seconds_base * 1000)
+    assert metrics["latency.decode_tokens_per_second.base"] == pytest.approx(smoke.decode_tokens_per_second_base)
+    assert {"latency.token_p50_ms.adapter", "latency.token_p90_ms.adapter", "smoke.passed"} <= set(metrics)
+    adapter = pipeline_result.adapter
+    assert metrics["eval_loss_finetuned"] == pytest.approx(adapter.eval_loss_finetuned)
+    assert metrics["eval_loss_original"] == pytest.approx(adapter.eval_loss_original)
+    assert metrics["eval_loss_quantized"] == pytest.approx(adapter.eval_loss_quantized)
+    tags = run.data.tags
+    assert tags["data_sha256"] == lineage.data_sha256 and tags["base_model_sha256"] == lineage.base_model_sha256
+    assert tags["base_model"] == pipeline_result.base_model.spec
+    assert tags["flow_run_id"] == "0f1e2d3c-run" and tags["flow_run_url"].endswith("/runs/flow-run/0f1e2d3c-run")
+    assert tags["content_sha256"] == pipeline_result.onnx.artifact.sha256
+    if lineage.git_commit:
+        assert tags["git_commit"] == tags["mlflow.source.git.commit"] == lineage.git_commit
+
+
+def test_train_loss_is_logged_per_step(tracked, mlflow_uri, pipeline_result):
+    history = _client(mlflow_uri).get_metric_history(tracked.run_id, "train_loss")
+    assert [m.step for m in history] == list(range(len(pipeline_result.adapter.train_loss))) and len(history) == 30
+    assert [m.value for m in history] == pytest.approx(pipeline_result.adapter.train_loss)
+
+
+def test_artifacts_configs_samples_and_chart(tracked, mlflow_uri, pipeline_result, tmp_path):
+    client = _client(mlflow_uri)
+
+    def artifact(path: str) -> Path:
+        return Path(client.download_artifacts(tracked.run_id, path, str(tmp_path)))
+
+    for stage in ("quantize", "finetune", "export"):
+        assert "passes" in json.loads(artifact(f"olive_configs/{stage}/olive_config.json").read_text())
+    samples = json.loads(artifact("samples.json").read_text())
+    assert samples["columns"] == ["prompt", "base_answer", "finetuned_answer"] and len(samples["data"]) == 2
+    assert [row[0] for row in samples["data"]] == [s.prompt for s in pipeline_result.samples]
+    assert [row[2] for row in samples["data"]] == [s.finetuned_answer for s in pipeline_result.samples]
+    chart = artifact("charts/size_latency.png").read_bytes()
+    assert chart[:8] == b"\x89PNG\r\n\x1a\n" and len(chart) > 5000
+    result = json.loads(artifact("pipeline_result.json").read_text())
+    assert result["onnx"]["artifact"]["sha256"] == pipeline_result.onnx.artifact.sha256
+    # Artifacts sit beside the SQLite database, not in ./mlruns of the working folder.
+    assert client.get_experiment(tracked.experiment_id).artifact_location.startswith(
+        Path(mlflow_uri.removeprefix("sqlite:///")).parent.as_uri())
+
+
+def test_logged_pyfunc_model_answers_prompts(tracked, mlflow_uri, pipeline_result, run_params):
+    import mlflow
+
+    model = mlflow.pyfunc.load_model(tracked.model_uri)
+    questions = [json.loads(line)["prompt"] for line in (REPO_ROOT / "data" / "travel_eval.jsonl").open()][:2]
+    answers = model.predict(questions, params={"max_new_tokens": run_params.smoke_test.max_new_tokens})
+    # Same model, adapter, chat template and greedy decoding as the smoke test: the same answers.
+    assert answers == [s.finetuned_answer for s in pipeline_result.samples]
+    framed = model.predict(pd.DataFrame({"prompt": questions[:1]}), params={"max_new_tokens": 4})
+    assert len(framed) == 1 and isinstance(framed[0], str)
+
+
+def test_a_rerun_of_the_same_model_links_the_logged_model_instead_of_copying_it(tracked, mlflow_uri, pipeline_result,
+                                                                              lineage, run_params):
+    again = track_run(pipeline_result, run_params, lineage, tracked.experiment_name)
+    assert again.run_id != tracked.run_id and again.model_uri == tracked.model_uri
+    outputs = _client(mlflow_uri).get_run(again.run_id).outputs.model_outputs
+    assert [o.model_id for o in outputs] == [tracked.model_uri.removeprefix("models:/")]
+
+
+def test_default_store_tracks_and_registers_without_touching_the_working_folder(
+        monkeypatch, tmp_path, empty_mlflow_db, pipeline_result, lineage, run_params):
+    import mlflow
+
+    from oliveflow.registry import RegistryConfig, make_registry, register_model
+    from oliveflow.tracking import using_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("OLIVEFLOW_HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / "mlflow").mkdir(parents=True)
+    shutil.copyfile(empty_mlflow_db, tmp_path / "home" / "mlflow" / "mlflow.db")  # skips MLflow's migrations
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    tracked = track_run(pipeline_result, run_params, lineage, "default-store")
+    assert tracked.tracking_uri == default_tracking_uri()
+    outcome = register_model(make_registry(RegistryConfig()), "default-store", pipeline_result, tracked, lineage)
+    assert outcome.registered and outcome.version.version == "1"
+    with using_tracking_uri(default_tracking_uri()):
+        assert mlflow.pyfunc.load_model("models:/default-store/1").predict(["Hi"], params={"max_new_tokens": 2})
+    assert list(work.iterdir()) == [], "nothing lands in ./mlflow.db or ./mlruns"
+    assert "MLFLOW_TRACKING_URI" not in os.environ, "the global URI was put back"
+
+
+def test_a_tracking_server_that_is_down_fails_in_one_line(monkeypatch, pipeline_result, lineage, run_params):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    started = time.monotonic()
+    with pytest.raises(TrackingError) as failure:
+        track_run(pipeline_result, run_params, lineage, "down")
+    message = str(failure.value)
+    assert "\n" not in message and f"127.0.0.1:{port}" in message and "did not answer after 3 tries" in message
+    assert time.monotonic() - started < 20
+
+
+class _HealthyButBroken(BaseHTTPRequestHandler):
+    """Answers /health but fails every API call, like a server whose database went away."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self.send_response(200 if self.path.startswith("/health") else 503)
+        self.end_headers()
+        self.wfile.write(b"OK")
+
+    do_POST = do_GET
+
+
+def test_a_server_failing_mid_run_fails_clearly_after_few_retries(monkeypatch, pipeline_result, lineage, run_params):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _HealthyButBroken)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{server.server_address[1]}")
+        started = time.monotonic()
+        with pytest.raises(TrackingError) as failure:
+            track_run(pipeline_result, run_params, lineage, "broken")
+        elapsed = time.monotonic() - started
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "\n" not in str(failure.value) and "logging to http://127.0.0.1" in str(failure.value)
+    assert elapsed < 30, f"MLflow's default retries (7, 120 s timeout) were not capped: {elapsed:.0f} s"
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ, "the cap is scoped to the call"
