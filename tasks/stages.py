@@ -10,6 +10,7 @@ the small manifests in ``oliveflow.results``.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ from pydantic import BaseModel
 
 from oliveflow.config import DataConfig, ExportConfig, FinetuneConfig, QuantizeConfig, SmokeTestConfig
 from oliveflow.errors import InputError, StageError
-from oliveflow.hashing import config_sha256, library_versions
+from oliveflow.hashing import config_sha256, file_sha256, library_versions
 from oliveflow.results import Adapter, BaseModelRef, DataReport, OnnxModel, QuantizedModel, SmokeReport, StageRun
 from oliveflow.stages.data import validate_data
 from oliveflow.stages.export import export_onnx
@@ -55,8 +56,19 @@ CACHED = dict(cache_key_fn=_key_from_parameters, persist_result=True, result_ser
               retries=1, retry_delay_seconds=5, retry_condition_fn=_transient)
 
 
+@functools.cache
+def code_sha256(stage: str) -> str:
+    """Hash of the code that shapes a stage's output, so a fix to it invalidates old entries."""
+    import oliveflow
+
+    root = Path(oliveflow.__file__).parent
+    files = [root / "stages" / f"{stage}.py", root / "olive_ext.py", root / "olive_runner.py"]
+    return config_sha256([file_sha256(f) for f in files])
+
+
 def stage_key(stage: str, store: ArtifactStore, **inputs: Any) -> str:
-    return config_sha256({"stage": stage, "store": str(store.root), "versions": library_versions(), **inputs})
+    return config_sha256({"stage": stage, "store": str(store.root), "versions": library_versions(),
+                          "code": code_sha256(stage), **inputs})
 
 
 def materialize(store: ArtifactStore, stage: str, key: str, result_type: type[R], build: Callable[[Path], R]) -> R:

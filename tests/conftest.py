@@ -27,7 +27,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     """The embedded model's architecture and tokenizer, briefly pretrained (fast to build)."""
     from oliveflow.tiny_model import TinyModelParams, build_tiny_model
 
-    return build_tiny_model([TRAIN], tmp_path_factory.mktemp("models") / "tiny", params=TinyModelParams(steps=40))
+    return build_tiny_model([TRAIN], tmp_path_factory.mktemp("models") / "tiny", params=TinyModelParams(steps=40, num_threads=1))
 
 
 @pytest.fixture(scope="session")
