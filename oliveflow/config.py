@@ -62,20 +62,13 @@ class DataConfig(_Config):
 
 class QuantizeConfig(_Config):
     algorithm: Literal["rtn", "gptq", "awq"] = Field(
-        "rtn", description="Weight quantizer: rtn (round to nearest), gptq (calibrated on the training data), "
-                           "awq (activation-aware; not available yet).")
+        "rtn", description="Weight quantizer: awq (activation-aware scaling + clipping, calibrated on the training "
+                           "data), rtn (round to nearest), gptq (calibrated on the training data).")
     bits: Literal[4, 8] = Field(4, description="Bits per weight.")
     group_size: int = Field(32, description="Weights per quantization group; must divide the model's hidden and "
                                             "intermediate sizes. -1 means one group per output channel.")
     symmetric: bool = Field(True, description="Symmetric quantization (no zero points).")
     calibration_samples: int = Field(64, ge=1, description="Training examples used to calibrate gptq.")
-
-    @field_validator("algorithm")
-    @classmethod
-    def _available(cls, value: str) -> str:
-        if value == "awq":
-            raise ValueError("'awq' is not available yet (native AWQ is a separate issue); use rtn or gptq")
-        return value
 
     @field_validator("group_size")
     @classmethod

@@ -2,10 +2,11 @@
 
 Olive 0.13 quantizes into its own ``QuantLinear``; PEFT refuses that layer, and the
 onnxruntime-genai ModelBuilder reads such checkpoints (copying the int4 codes verbatim)
-but cannot attach a LoRA adapter to them. The two passes below close both gaps, so the
+but cannot attach a LoRA adapter to them. The passes below close both gaps (and add AWQ, which Olive 0.13 only has through autoawq), so the
 adapter is trained against exactly the int4 grid that ends up in the ONNX graph:
 
 - ``QuantLoRA``: Olive's LoRA pass with a PEFT custom-module mapping for ``QuantLinear``.
+- ``Awq``: Olive's Rtn pass preceded by this project's activation-aware scaling (``oliveflow.awq``).
 - ``QuantModelBuilder``: Olive's ModelBuilder pass; when the input is Olive-quantized and
   carries an adapter, it hangs the adapter's LoRA weights on ModelBuilder's quantized
   modules instead of calling ``PeftModel.from_pretrained`` on an object that is no
@@ -29,6 +30,7 @@ from olive.common.quant.nn import QuantLinear
 from olive.package_config import OlivePackageConfig
 from olive.passes.onnx.model_builder import ModelBuilder
 from olive.passes.pytorch.lora import LoRA
+from olive.passes.pytorch.rtn import Rtn
 from peft.tuners.lora.layer import LoraLayer
 
 
@@ -227,7 +229,70 @@ class QuantModelBuilder(ModelBuilder):
             return super()._run_for_config(model, config, output_model_path)
 
 
-_PASSES = {"QuantLoRA": QuantLoRA, "QuantModelBuilder": QuantModelBuilder}
+class Awq(Rtn):
+    """Activation-aware int4: ``oliveflow.awq`` scales (and clips) the float weights, then Olive's RTN packs them.
+
+    The scaled model never touches the disk: it is handed to the RTN code in memory, so the
+    chain keeps one float copy of the model (the base) instead of two.
+    """
+
+    @classmethod
+    def _default_config(cls, accelerator_spec):
+        from typing import Union
+
+        from olive.data.config import DataConfig
+        from olive.passes.pass_config import PassConfigParam
+
+        return {
+            **super()._default_config(accelerator_spec),
+            "data_config": PassConfigParam(type_=Union[DataConfig, dict], required=True,
+                                           description="Calibration data (the project's own examples)."),
+            "grid": PassConfigParam(type_=int, default_value=20, description="Scale exponents tried per group."),
+            "clip": PassConfigParam(type_=bool, default_value=True, description="Search weight clipping too."),
+            "max_calibration_tokens": PassConfigParam(type_=int, default_value=4096,
+                                                      description="Calibration tokens used."),
+        }
+
+    @torch.no_grad()
+    def _run_for_config(self, model, config, output_model_path):
+        from olive.passes.pytorch import quant_utils
+        from olive.passes.pytorch.train_utils import get_calibration_dataset
+        from tqdm.auto import tqdm
+
+        from oliveflow.awq import AwqSettings, apply_awq
+
+        calibration = [torch.as_tensor(row["input_ids"]).reshape(1, -1)
+                       for row in get_calibration_dataset(model, config.data_config)]
+        settings = AwqSettings(bits=int(config.bits), group_size=config.group_size, symmetric=config.sym,
+                               grid=config.grid, clip=config.clip, lm_head=config.lm_head,
+                               max_calibration_tokens=config.max_calibration_tokens)
+        original_load = quant_utils.load_hf_base_model
+
+        def load_and_scale(handler, *args, **kwargs):
+            loaded = original_load(handler, *args, **kwargs)
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            loaded.to(device)
+            bar = tqdm(desc="AWQ search", unit="layer")
+
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            report = apply_awq(loaded, [c.to(device) for c in calibration], settings, progress)
+            bar.close()
+            Path(output_model_path).mkdir(parents=True, exist_ok=True)
+            (Path(output_model_path) / AWQ_REPORT).write_text(json.dumps(report.to_dict(), indent=1, default=str))
+            return loaded
+
+        quant_utils.load_hf_base_model = load_and_scale
+        try:
+            return super()._run_for_config(model, config, output_model_path)
+        finally:
+            quant_utils.load_hf_base_model = original_load
+
+
+AWQ_REPORT = "awq_report.json"
+_PASSES = {"QuantLoRA": QuantLoRA, "QuantModelBuilder": QuantModelBuilder, "Awq": Awq}
 
 
 def package_config() -> dict:

@@ -95,8 +95,9 @@ def resolve_model_task(spec: str, quantize_config: QuantizeConfig) -> BaseModelR
 
 def quantize_key(store: ArtifactStore, base: BaseModelRef, config: QuantizeConfig, data: DataReport,
                  template: str) -> str:
-    # Only gptq calibrates on data; rtn's output depends on the model and config alone.
-    calibration = {"data": data.train_sha256, "template": template} if config.algorithm == "gptq" else None
+    # gptq and awq calibrate on data; rtn's output depends on the model and config alone.
+    calibrated = config.algorithm in ("gptq", "awq")
+    calibration = {"data": data.train_sha256, "template": template} if calibrated else None
     return stage_key("quantize", store, model=base.artifact.sha256, config=config, calibration=calibration)
 
 

@@ -1,4 +1,4 @@
-"""quantize: Olive's Rtn or Gptq pass on the base model, into an Olive-quantized HF folder."""
+"""quantize: Olive's Rtn or Gptq pass, or this project's Awq pass, into an Olive-quantized HF folder."""
 
 from __future__ import annotations
 
@@ -37,15 +37,15 @@ def olive_config(base: BaseModelRef, config: QuantizeConfig, data: DataReport | 
                       "log_severity_level": 1}
     if config.algorithm == "rtn":
         qpass["type"] = "Rtn"
-    elif config.algorithm == "gptq":
+    elif config.algorithm in ("gptq", "awq"):
         if data is None:
-            raise InputError("quantize.algorithm gptq needs calibration data; pass --data")
+            raise InputError(f"quantize.algorithm {config.algorithm} needs calibration data; pass --data")
         # Calibrate on the project's own examples: Olive's default set is downloaded from the Hub.
         workflow["data_configs"] = [jsonl_data_config("calibration", data.train_path, template, 512,
                                                       config.calibration_samples)]
-        qpass.update(type="Gptq", data_config="calibration")
+        qpass.update(type="Gptq" if config.algorithm == "gptq" else "Awq", data_config="calibration")
     else:
-        raise InputError(f"quantize.algorithm {config.algorithm!r} is not available yet; use rtn or gptq")
+        raise InputError(f"quantize.algorithm {config.algorithm!r} is unknown; use awq, rtn or gptq")
     workflow["passes"] = {"quantize": qpass}
     return workflow
 
