@@ -63,6 +63,8 @@ def code_sha256(stage: str) -> str:
 
     root = Path(oliveflow.__file__).parent
     files = [root / "stages" / f"{stage}.py", root / "olive_ext.py", root / "olive_runner.py"]
+    if stage == "quantize":
+        files.append(root / "awq.py")
     return config_sha256([file_sha256(f) for f in files])
 
 
