@@ -134,8 +134,7 @@ def main() -> None:
 
     measure("build_base", lambda: build_model(SMALL if args.small else PHI35, base_dir))
     base = resolve_model(str(base_dir), qconfig)
-    products["quantized"] = measure("quantize", lambda: quantize(base, qconfig, fresh("quantize"), data=data,
-                                                                  template=data_config.template))
+    products["quantized"] = measure("quantize", lambda: quantize(base, qconfig, fresh("quantize"), data=data))
     products["adapter"] = measure("finetune", lambda: finetune(base, products["quantized"], data,
                                                                data_config.template, fconfig, fresh("finetune")))
     products["onnx"] = measure("export", lambda: export_onnx(products["quantized"], products["adapter"],

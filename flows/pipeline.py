@@ -30,8 +30,8 @@ def pipeline(params: PipelineParams = PipelineParams()) -> PipelineResult:
     base = resolve_model_task(params.model, params.quantize)
 
     quantized, q_run = run_cached(
-        quantize_task, store, "quantize", quantize_key(store, base, params.quantize, data, template),
-        base=base, config=params.quantize, data=data, template=template)
+        quantize_task, store, "quantize", quantize_key(store, base, params.quantize, data),
+        base=base, config=params.quantize, data=data)
     update_progress_artifact(progress, 25.0)
     adapter, f_run = run_cached(
         finetune_task, store, "finetune", finetune_key(store, base, quantized, data, template, params.finetune),

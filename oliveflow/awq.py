@@ -17,9 +17,9 @@ the searches optimise the exact grid ``Rtn`` will produce. Work goes layer by la
 of layer ``i + 1`` are the float outputs of layer ``i``), as AutoAWQ does, so memory stays
 at one layer's activations. Everything runs on the model's device.
 
-Covered: Llama, Mistral, Qwen2, Qwen3, Gemma (1-3) style layers (``q/k/v_proj``,
-``gate/up/down_proj``) and Phi-3 (fused ``qkv_proj`` and ``gate_up_proj``); the final norm ->
-``lm_head`` pair when the head is not tied to the embeddings. Skipped, and listed in the
+Covered (each tested on a tiny model): Llama, Mistral, Qwen2, Qwen3, Gemma 1-3 style layers
+(``q/k/v_proj``, ``gate/up/down_proj``) and Phi-3 (fused ``qkv_proj`` and ``gate_up_proj``);
+the final norm -> ``lm_head`` pair when the head is not tied to the embeddings. Skipped, and listed in the
 report: the v -> o pair under grouped-query attention (v and o shapes differ), pairs whose
 previous op is not a per-channel norm or linear, and norm folds that the norm's dtype cannot
 store (Gemma's ``(1 + w)`` norms in 16-bit for large scales).
@@ -214,6 +214,7 @@ class NormFold:
     norm: nn.Module
     offset: float  # 1.0 for Gemma-style (1 + w) gains
 
+    @torch.no_grad()
     def divide(self, scales: Tensor) -> None:
         weight = self.norm.weight
         gain = (_wide(weight) + self.offset) / scales
@@ -222,6 +223,7 @@ class NormFold:
         if isinstance(bias, Tensor):
             bias.copy_((_wide(bias) / scales).to(bias.dtype))
 
+    @torch.no_grad()
     def fold_error(self, scales: Tensor) -> float:
         """Relative error of the folded gain once stored in the norm's dtype (bf16 Gemma norms lose here)."""
         weight = self.norm.weight
@@ -237,6 +239,7 @@ class RowsFold:
     linear: nn.Linear
     rows: slice
 
+    @torch.no_grad()
     def divide(self, scales: Tensor) -> None:
         weight = self.linear.weight[self.rows]
         weight.copy_((_wide(weight) / scales[:, None]).to(weight.dtype))
@@ -372,7 +375,8 @@ def _plan_mlp(layer: nn.Module, plan: _LayerPlan) -> None:
     plan.clips.append(ClipTarget("mlp.down_proj", down, slice(None), "down"))
 
     # Gemma 2/3 put post_attention_layernorm on the attention *output*; their MLP reads pre_feedforward_layernorm.
-    norm_name = "pre_feedforward_layernorm" if hasattr(layer, "pre_feedforward_layernorm") else "post_attention_layernorm"
+    norm_name = ("pre_feedforward_layernorm" if hasattr(layer, "pre_feedforward_layernorm")
+                 else "post_attention_layernorm")
     prev = _norm_fold(getattr(layer, norm_name, None))
     if prev is None:
         plan.skipped.append(f"{norm_name}->{names}: previous op is not a per-channel norm")

@@ -121,7 +121,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
         if args.name == "quantize":
             from oliveflow.stages.quantize import quantize
 
-            return quantize(base, params.quantize, out, data=data, template=template)
+            return quantize(base, params.quantize, out, data=data)
         if args.name == "finetune":
             from oliveflow.stages.finetune import finetune
 

@@ -61,8 +61,8 @@ class DataConfig(_Config):
 
 
 class QuantizeConfig(_Config):
-    algorithm: Literal["rtn", "gptq", "awq"] = Field(
-        "rtn", description="Weight quantizer: awq (activation-aware scaling + clipping, calibrated on the training "
+    algorithm: Literal["awq", "rtn", "gptq"] = Field(
+        "awq", description="Weight quantizer: awq (activation-aware scaling + clipping, calibrated on the training "
                            "data), rtn (round to nearest), gptq (calibrated on the training data).")
     bits: Literal[4, 8] = Field(4, description="Bits per weight.")
     group_size: int = Field(32, description="Weights per quantization group; must divide the model's hidden and "

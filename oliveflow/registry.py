@@ -202,9 +202,9 @@ class ModelRegistry(ABC):
         """One version, if it exists."""
 
     @abstractmethod
-    def _create(self, name: str, model_dir: Path, content_hash: str, tags: dict[str, str], version: str | None,
+    def create_version(self, name: str, model_dir: Path, content_hash: str, tags: dict[str, str], version: str | None,
                 model_uri: str | None) -> RegisteredVersion:
-        """Make a new version (callers have ruled out duplicates and conflicts)."""
+        """Make a new version, no questions asked: ``register``/``register_model`` rule out duplicates first."""
 
     def existing(self, name: str, content_hash: str, version: str | None = None) -> RegisteredVersion | None:
         """The version already holding this content, if any; an error if ``version`` holds other content."""
@@ -229,7 +229,7 @@ class ModelRegistry(ABC):
         found = self.existing(name, content_hash, version)
         if found is not None:
             return found
-        return self._create(name, Path(model_dir), content_hash, {**tags, CONTENT_TAG: content_hash}, version,
+        return self.create_version(name, Path(model_dir), content_hash, {**tags, CONTENT_TAG: content_hash}, version,
                             model_uri)
 
 
@@ -245,10 +245,6 @@ class MlflowRegistry(ModelRegistry):
 
         self.uri = uri  # tracking and registry store: the one the run and its model were logged to
         self._client = client or MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-    @classmethod
-    def at(cls, uri: str) -> MlflowRegistry:
-        return cls(uri)
 
     @staticmethod
     def _version(mv) -> RegisteredVersion:
@@ -278,7 +274,7 @@ class MlflowRegistry(ModelRegistry):
                 return None
             raise
 
-    def _create(self, name: str, model_dir: Path, content_hash: str, tags: dict[str, str], version: str | None,
+    def create_version(self, name: str, model_dir: Path, content_hash: str, tags: dict[str, str], version: str | None,
                 model_uri: str | None) -> RegisteredVersion:
         from mlflow.exceptions import MlflowException
 
@@ -406,7 +402,7 @@ class AzureMLRegistry(ModelRegistry):
         except ResourceNotFoundError:
             return None
 
-    def _create(self, name: str, model_dir: Path, content_hash: str, tags: dict[str, str], version: str | None,
+    def create_version(self, name: str, model_dir: Path, content_hash: str, tags: dict[str, str], version: str | None,
                 model_uri: str | None) -> RegisteredVersion:
         from azure.ai.ml.constants import AssetTypes
         from azure.ai.ml.entities import Model
@@ -513,7 +509,7 @@ def register_model(registry: ModelRegistry, name: str, result: PipelineResult, t
     if not gate.register:
         return RegistrationOutcome(backend=registry.backend, name=name, registered=False, reason=gate.reason)
     tags = {**registration_tags(result, tracked, lineage), CONTENT_TAG: content_hash}
-    created = registry._create(name, Path(result.onnx_model_dir), content_hash, tags, version,
+    created = registry.create_version(name, Path(result.onnx_model_dir), content_hash, tags, version,
                                tracked.model_uri if tracked else None)
     return RegistrationOutcome(backend=registry.backend, name=name, registered=True, version=created,
                                reason=gate.reason)
@@ -527,6 +523,6 @@ def make_registry(config: RegistryConfig, *, tracking_uri: str | None = None, pr
     if config.backend == "mlflow":
         from oliveflow.tracking import tracking_uri as default_uri
 
-        return MlflowRegistry.at(tracking_uri or default_uri())
+        return MlflowRegistry(tracking_uri or default_uri())
     check_registry_settings(config)
     return AzureMLRegistry(azure_ml_client(config.azure, credential or azure_credential(principal), **client_kwargs))

@@ -95,19 +95,18 @@ def resolve_model_task(spec: str, quantize_config: QuantizeConfig) -> BaseModelR
 
 # ---- heavy stages: cached on content ----
 
-def quantize_key(store: ArtifactStore, base: BaseModelRef, config: QuantizeConfig, data: DataReport,
-                 template: str) -> str:
-    # gptq and awq calibrate on data; rtn's output depends on the model and config alone.
+def quantize_key(store: ArtifactStore, base: BaseModelRef, config: QuantizeConfig, data: DataReport) -> str:
+    # gptq and awq calibrate on the data's fields (not the template); rtn needs the model and config alone.
     calibrated = config.algorithm in ("gptq", "awq")
-    calibration = {"data": data.train_sha256, "template": template} if calibrated else None
+    calibration = {"data": data.train_sha256, "fields": data.fields} if calibrated else None
     return stage_key("quantize", store, model=base.artifact.sha256, config=config, calibration=calibration)
 
 
 @task(name="quantize", **CACHED)
-def quantize_task(key: str, store_root: str, base: BaseModelRef, config: QuantizeConfig, data: DataReport,
-                  template: str) -> QuantizedModel:
+def quantize_task(key: str, store_root: str, base: BaseModelRef, config: QuantizeConfig,
+                  data: DataReport) -> QuantizedModel:
     return materialize(ArtifactStore(store_root), "quantize", key, QuantizedModel,
-                       lambda out: quantize(base, config, out, data=data, template=template))
+                       lambda out: quantize(base, config, out, data=data))
 
 
 def finetune_key(store: ArtifactStore, base: BaseModelRef, model: QuantizedModel, data: DataReport, template: str,

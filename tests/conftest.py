@@ -45,7 +45,7 @@ def chain(tiny_model_dir, tmp_path_factory):
     data = validate_data(data_config)
     qconfig = QuantizeConfig(group_size=32)
     base = resolve_model(str(tiny_model_dir), qconfig)
-    quantized = quantize(base, qconfig, _fresh(root / "quantize"))
+    quantized = quantize(base, qconfig, _fresh(root / "quantize"), data=data)
     adapter = finetune(base, quantized, data, data_config.template,
                        FinetuneConfig(max_steps=30, learning_rate=3e-3), _fresh(root / "finetune"))
     onnx = export_onnx(quantized, adapter, ExportConfig(), _fresh(root / "export"))

@@ -29,7 +29,13 @@ def jsonl_data_config(name: str, path: Path, template: str, max_seq_len: int, ma
     }
 
 
-def olive_config(base: BaseModelRef, config: QuantizeConfig, data: DataReport | None, template: str) -> dict:
+def calibration_template(data: DataReport) -> str:
+    """The data's fields as plain text: activation statistics barely depend on the chat template, and
+    keeping it out means a template change does not re-run calibration."""
+    return "\n".join("{" + name + "}" for name in data.fields)
+
+
+def olive_config(base: BaseModelRef, config: QuantizeConfig, data: DataReport | None) -> dict:
     # lm_head too: ModelBuilder would otherwise re-quantize it to int4 on its own grid, and the
     # adapter would have been trained against a head the exported model does not have.
     qpass = {"bits": config.bits, "group_size": config.group_size, "sym": config.symmetric, "lm_head": True}
@@ -41,7 +47,7 @@ def olive_config(base: BaseModelRef, config: QuantizeConfig, data: DataReport | 
         if data is None:
             raise InputError(f"quantize.algorithm {config.algorithm} needs calibration data; pass --data")
         # Calibrate on the project's own examples: Olive's default set is downloaded from the Hub.
-        workflow["data_configs"] = [jsonl_data_config("calibration", data.train_path, template, 512,
+        workflow["data_configs"] = [jsonl_data_config("calibration", data.train_path, calibration_template(data), 512,
                                                       config.calibration_samples)]
         qpass.update(type="Gptq" if config.algorithm == "gptq" else "Awq", data_config="calibration")
     else:
@@ -51,10 +57,10 @@ def olive_config(base: BaseModelRef, config: QuantizeConfig, data: DataReport | 
 
 
 def quantize(base: BaseModelRef, config: QuantizeConfig, out_dir: Path, *,
-             data: DataReport | None = None, template: str = "{prompt}\n{response}") -> QuantizedModel:
+             data: DataReport | None = None) -> QuantizedModel:
     """Quantize ``base`` into ``out_dir/model``; the Olive config is saved beside it."""
     started = time.perf_counter()
-    produced = olive_runner.run_workflow(olive_config(base, config, data, template), out_dir, "quantize")
+    produced = olive_runner.run_workflow(olive_config(base, config, data), out_dir, "quantize")
     shutil.move(str(produced), out_dir / MODEL_SUBDIR)
     olive_runner.cleanup(out_dir)
     return QuantizedModel(

@@ -9,12 +9,14 @@ import sys
 import pytest
 
 from flows.pipeline import pipeline
-from oliveflow.config import DataConfig, FinetuneConfig, PipelineParams, SmokeTestConfig
+from oliveflow.config import DataConfig, FinetuneConfig, PipelineParams, QuantizeConfig, SmokeTestConfig
 from oliveflow.errors import InputError
 from oliveflow.store import ArtifactStore
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
-FAST = dict(finetune=FinetuneConfig(max_steps=5), smoke_test=SmokeTestConfig(num_samples=1, max_new_tokens=8))
+# rtn: its output depends on the model alone, which is what the data/template cache tests are about.
+FAST = dict(quantize=QuantizeConfig(algorithm="rtn"), finetune=FinetuneConfig(max_steps=5),
+            smoke_test=SmokeTestConfig(num_samples=1, max_new_tokens=8))
 HEAVY = ("quantize", "finetune", "export", "smoke_test")
 
 
@@ -56,6 +58,19 @@ def test_identical_second_run_is_all_hits(default_run, tmp_path):
     assert caches(again) == {name: "hit" for name in HEAVY}
     assert again.onnx.artifact.sha256 == default_run.onnx.artifact.sha256
     assert sum(run.seconds for run in again.stages.values()) < 10
+
+
+def test_awq_recalibrates_on_new_data_but_not_on_a_new_template(default_run, tmp_path):
+    """awq (the default) calibrates on the data's fields: new data re-runs it, a new template does not."""
+    templated = pipeline(PipelineParams(data=DataConfig(template="Q: {prompt}\nA: {response}<|end|>"),
+                                        smoke_test=SmokeTestConfig(num_samples=1, max_new_tokens=8)))
+    assert caches(templated)["quantize"] == "hit" and caches(templated)["finetune"] == "miss"
+    lines = (REPO / "data" / "travel_train.jsonl").read_text().splitlines()
+    (tmp_path / "train.jsonl").write_text("\n".join(lines[1:]) + "\n")
+    changed = pipeline(PipelineParams(data=DataConfig(train_path=tmp_path / "train.jsonl"),
+                                      finetune=FinetuneConfig(max_steps=5),
+                                      smoke_test=SmokeTestConfig(num_samples=1, max_new_tokens=8)))
+    assert caches(changed)["quantize"] == "miss"
 
 
 def test_summary_artifact_is_published(default_run):

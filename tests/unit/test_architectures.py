@@ -40,7 +40,7 @@ def test_chain_on_other_architecture(kind, tiny_model_dir, tmp_path):
     dirs = {name: tmp_path / name for name in ("q", "f", "e")}
     for path in dirs.values():
         path.mkdir()
-    quantized = quantize(base, qconfig, dirs["q"])
+    quantized = quantize(base, qconfig, dirs["q"], data=data)
     adapter = finetune(base, quantized, data, data_config.template,
                        FinetuneConfig(max_steps=3, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]),
                        dirs["f"])

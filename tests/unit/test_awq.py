@@ -203,9 +203,42 @@ def _gemma() -> nn.Module:
     return GemmaForCausalLM(GemmaConfig(**_common(num_key_value_heads=4, head_dim=32)))
 
 
+# Sliding windows shorter than the test sequences: layers get different masks (and, in Gemma 3,
+# different position embeddings), which the layer-by-layer replay must reproduce.
+_SLIDING = dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+
+
+def _gemma2() -> nn.Module:
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    return Gemma2ForCausalLM(Gemma2Config(**_common(num_key_value_heads=4, head_dim=32, **_SLIDING)))
+
+
+def _gemma3() -> nn.Module:
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    return Gemma3ForCausalLM(Gemma3TextConfig(**_common(num_key_value_heads=4, head_dim=32, **_SLIDING)))
+
+
+def _mistral() -> nn.Module:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return MistralForCausalLM(MistralConfig(**_common(num_key_value_heads=4, sliding_window=8,
+                                                      tie_word_embeddings=False)))
+
+
+def _qwen3_gqa() -> nn.Module:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    return Qwen3ForCausalLM(Qwen3Config(**_common(num_key_value_heads=2, head_dim=32, tie_word_embeddings=False)))
+
+
 ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
-    "phi3": _phi3, "llama": _llama, "qwen2-gqa": _qwen2_gqa, "gemma": _gemma,
+    "phi3": _phi3, "llama": _llama, "mistral": _mistral, "qwen2-gqa": _qwen2_gqa, "qwen3-gqa": _qwen3_gqa,
+    "gemma": _gemma, "gemma2": _gemma2, "gemma3": _gemma3,
 }
+GQA = {"qwen2-gqa", "qwen3-gqa"}
+TIED_HEAD = {"gemma", "gemma2", "gemma3"}
 
 
 def _tiny(builder: Callable[[], nn.Module], dtype: torch.dtype = torch.float64) -> nn.Module:
@@ -242,12 +275,31 @@ def test_folding_random_scales_leaves_the_float_model_unchanged(arch):
     assert torch.allclose(after, before, rtol=0, atol=1e-5), (after - before).abs().max()
     skipped = [s for plan in plans for s in plan.skipped]
     # Every pair the architecture allows was folded; the rest is named in `skipped`.
-    expected_per_layer = 3 if arch == "qwen2-gqa" else 4
-    assert len(folded) == 2 * expected_per_layer + (0 if arch == "gemma" else 1), folded
-    if arch == "qwen2-gqa":
-        assert sum("grouped-query attention" in s for s in skipped) == 2
-    if arch == "gemma":
-        assert any("tied" in s for s in skipped)
+    expected_per_layer = 3 if arch in GQA else 4
+    assert len(folded) == 2 * expected_per_layer + (0 if arch in TIED_HEAD else 1), folded
+    assert sum("grouped-query attention" in s for s in skipped) == (2 if arch in GQA else 0)
+    assert any("tied" in s for s in skipped) == (arch in TIED_HEAD)
+    if arch in ("gemma2", "gemma3"):
+        assert any(name.startswith("pre_feedforward_layernorm->") for name in folded), folded
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_layer_by_layer_replay_reproduces_the_model(arch):
+    """Each layer is replayed with the arguments the model gave *that* layer (masks differ per layer type)."""
+    from oliveflow.awq import _capture_layer_inputs, _decoder_parts, _run_layer
+
+    model = _tiny(ARCHITECTURES[arch])
+    ids = _ids(13)
+    with torch.no_grad():
+        expected = model(input_ids=ids, output_hidden_states=True).hidden_states
+        layers, final_norm = _decoder_parts(model)
+        hidden, calls = _capture_layer_inputs(model, layers, [ids[:1], ids[1:]])
+        for index, layer in enumerate(layers):
+            hidden = _run_layer(layer, plan_layer(layer, model.config), hidden, calls[index]).outputs
+            got = torch.cat(hidden)
+            if index == len(layers) - 1:
+                got = final_norm(got)  # transformers reports the last hidden state after the final norm
+            assert torch.allclose(got, expected[index + 1], rtol=0, atol=1e-10)
 
 
 def test_norm_offset_detection():
@@ -260,9 +312,23 @@ def test_norm_offset_detection():
     assert norm_weight_offset(nn.Identity()) is None
 
 
-def test_apply_awq_without_clipping_keeps_the_float_function():
+def test_bf16_gemma_norm_folds_that_lose_precision_are_refused():
+    """(1 + w) / s - 1 near -1 keeps ~2 significant bits in bf16; w / s keeps all 8."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from oliveflow.awq import FOLD_TOLERANCE, NormFold
+
+    scales = torch.full((64,), 20.0)
+    assert NormFold(GemmaRMSNorm(64).to(torch.bfloat16), 1.0).fold_error(scales) > FOLD_TOLERANCE
+    assert NormFold(LlamaRMSNorm(64).to(torch.bfloat16), 0.0).fold_error(scales) < FOLD_TOLERANCE
+    assert NormFold(GemmaRMSNorm(64), 1.0).fold_error(scales) < FOLD_TOLERANCE  # float32 stores it fine
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_apply_awq_without_clipping_keeps_the_float_function(arch):
     """Scaling alone is an exact re-parametrisation: only quantization sees the difference."""
-    model = _tiny(_phi3)
+    model = _tiny(ARCHITECTURES[arch])
     _plant_outliers(model)
     ids = _ids(7)
     with torch.no_grad():
@@ -285,7 +351,8 @@ def _plant_outliers(model: nn.Module, channels: int = 4, factor: float = 50.0) -
     picked = torch.randperm(hidden, generator=torch.Generator().manual_seed(9))[:channels]
     with torch.no_grad():
         for name, module in model.named_modules():
-            if name.endswith("norm") or name.endswith("layernorm"):
+            # Hidden-size norms only (not Qwen3's / Gemma 3's per-head q_norm and k_norm).
+            if name.endswith("norm") and module.weight.numel() == hidden:
                 module.weight[picked] *= factor
 
 
@@ -335,7 +402,8 @@ def test_awq_beats_rtn_on_a_model_with_outlier_channels(group_size):
             errors[name] = float((model(input_ids=held_out).logits - reference).pow(2).mean())
     print(f"\nllama 4/128 channels x50, gs {group_size}, held-out logits MSE: "
           + ", ".join(f"{k} {v:.4g}" for k, v in errors.items())
-          + f"; ratio awq/rtn {errors['awq'] / errors['rtn']:.2f}, scale only {errors['awq-scale'] / errors['rtn']:.2f}")
+          + f"; ratio awq/rtn {errors['awq'] / errors['rtn']:.2f}, "
+          + f"scale only {errors['awq-scale'] / errors['rtn']:.2f}")
     assert errors["awq"] < 0.7 * errors["rtn"]
     assert errors["awq-scale"] < errors["rtn"]
 
@@ -349,7 +417,10 @@ def test_awq_beats_rtn_on_a_model_with_outlier_channels(group_size):
 def embedded(tmp_path_factory) -> Path:
     from oliveflow.tiny_model import TinyModelParams, build_tiny_model
 
-    return build_tiny_model([TRAIN], tmp_path_factory.mktemp("awq") / "tiny", params=TinyModelParams(steps=150))
+    # 150 steps: after 40 (the shared fixture) int4 barely moves the perplexity, so nothing is measured.
+    # One thread builds the same model (deterministic kernels) ~4x faster than two on a busy 2-core box.
+    params = TinyModelParams(steps=150, num_threads=1)
+    return build_tiny_model([TRAIN], tmp_path_factory.mktemp("awq") / "tiny", params=params)
 
 
 def _texts(path: Path) -> list[str]:

@@ -15,7 +15,7 @@ def params(*argv):
 
 def test_defaults_are_the_embedded_run():
     p = PipelineParams()
-    assert p.model == "embedded:tiny-phi3" and p.quantize.algorithm == "rtn" and p.export.device == "cpu"
+    assert p.model == "embedded:tiny-phi3" and p.quantize.algorithm == "awq" and p.export.device == "cpu"
 
 
 def test_flags_and_dotted_params():
@@ -25,9 +25,9 @@ def test_flags_and_dotted_params():
     assert p.data.template == "{q} => {a}"
 
 
-def test_awq_is_refused_clearly():
-    with pytest.raises(ValidationError, match="awq.*not available yet"):
-        params("--quantize", "awq")
+def test_unknown_algorithm_is_refused():
+    with pytest.raises(ValidationError, match="'awq', 'rtn' or 'gptq'"):
+        params("--param", "quantize.algorithm=int3")
 
 
 def test_unknown_parameter_is_refused():
@@ -48,7 +48,7 @@ def test_group_size_must_be_power_of_two():
 @pytest.mark.parametrize("argv, message", [
     (["--data", "/no/such.jsonl"], "data file /no/such.jsonl does not exist"),
     (["--model", "/no/such/model"], "model path /no/such/model does not exist"),
-    (["--quantize", "awq"], "invalid parameter quantize.algorithm: 'awq' is not available yet"),
+    (["--param", "quantize.algorithm=int3"], "invalid parameter quantize.algorithm: Input should be 'awq', 'rtn' or"),
     (["--template", "no fields"], "invalid parameter data.template"),
 ])
 def test_cli_bad_input_is_one_line_and_nonzero(argv, message):
