@@ -85,7 +85,7 @@ def build_model(shape: dict, folder: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="tiny shape, for checking the script on a CPU")
-    parser.add_argument("--quantize", default="rtn", help="quantize.algorithm")
+    parser.add_argument("--quantize", default="awq", help="quantize.algorithm")
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--max-steps", type=int, default=100)
     parser.add_argument("--gradient-checkpointing", action="store_true")
