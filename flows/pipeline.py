@@ -5,14 +5,17 @@ Run it locally with ``python flows/pipeline.py`` (embedded default) or ``olivefl
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
 from oliveflow.config import PipelineParams
 from oliveflow.output import check_output_dir, publish
 from oliveflow.report import markdown
 from oliveflow.results import PipelineResult
+from oliveflow.registry import check_registry_settings
 from oliveflow.store import ArtifactStore
+from oliveflow.tracking import current_lineage
+from tasks.publish import register_task, track_task
 from tasks.stages import (
     export_key, export_task, finetune_key, finetune_task, quantize_key, quantize_task, resolve_model_task,
     run_cached, smoke_key, smoke_test_task, validate_data_task,
@@ -23,6 +26,7 @@ from tasks.stages import (
 def pipeline(params: PipelineParams = PipelineParams()) -> PipelineResult:
     """Base checkpoint + JSONL examples -> quantized, LoRA-tuned int4 ONNX model for onnxruntime-genai."""
     check_output_dir(params.output_dir)
+    check_registry_settings(params.registry)  # missing Azure workspace settings fail here, before heavy stages
     store = ArtifactStore(params.store_root())
     template = params.data.template
     progress = create_progress_artifact(0.0, description="oliveflow pipeline: stages done (%)")
@@ -51,6 +55,13 @@ def pipeline(params: PipelineParams = PipelineParams()) -> PipelineResult:
         onnx_model_dir=model_dir, adapter_file=model_dir / onnx.adapter_name, size_reduction=smoke.size_reduction,
         samples=smoke.samples, stages={r.name: r for r in (q_run, f_run, e_run, s_run)},
         base_model=base, quantized=quantized, adapter=adapter, onnx=onnx, smoke=smoke)
+
+    lineage = current_lineage(data, base)
+    tracked = track_task(result, params, lineage, params.tracking) if params.tracking.enabled else None
+    outcome = register_task(params.registry, result, tracked, lineage)
+    get_run_logger().info(outcome.summary)  # "not registered: <reason>" is a normal end, not a failure
+    result = result.model_copy(update={"mlflow_run_id": tracked.run_id if tracked else None,
+                                       "registration": outcome.summary})
     create_markdown_artifact(markdown(result), key="oliveflow-summary", description="oliveflow run summary")
     return result
 

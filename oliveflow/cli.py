@@ -86,6 +86,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             "samples": [{"prompt": s.prompt, "answer": s.finetuned_answer, "base_answer": s.base_answer}
                         for s in result.samples],
             "stages": {name: {"cache": r.cache, "seconds": r.seconds} for name, r in result.stages.items()},
+            "mlflow_run_id": result.mlflow_run_id,
+            "registration": result.registration,
             "eval_loss": {"original": result.adapter.eval_loss_original,
                           "quantized": result.adapter.eval_loss_quantized,
                           "finetuned": result.adapter.eval_loss_finetuned},

@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from oliveflow.errors import InputError
+from oliveflow.registry import RegistryConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_MODEL = "embedded:tiny-phi3"
@@ -104,6 +105,15 @@ class SmokeTestConfig(_Config):
     max_new_tokens: int = Field(48, ge=1, description="Tokens generated per answer.")
 
 
+class TrackingConfig(_Config):
+    enabled: bool = Field(True, description="Log the run to MLflow ($MLFLOW_TRACKING_URI, else the local store "
+                                            "$OLIVEFLOW_HOME/mlflow/mlflow.db).")
+    experiment: str | None = Field(None, description="MLflow experiment; empty: the deployment's name, else the "
+                                                     "flow's.")
+    log_model: bool = Field(True, description="Log the exported folder as an MLflow pyfunc model (needed by the "
+                                              "mlflow registry backend).")
+
+
 class PipelineParams(_Config):
     """Everything one run of the pipeline takes."""
 
@@ -114,12 +124,18 @@ class PipelineParams(_Config):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="LoRA fine-tuning.")
     export: ExportConfig = Field(default_factory=ExportConfig, description="ONNX export for onnxruntime-genai.")
     smoke_test: SmokeTestConfig = Field(default_factory=SmokeTestConfig, description="Generation check.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking of the run.")
+    registry: RegistryConfig = Field(default_factory=RegistryConfig, description="Model registration after "
+                                                                                 "tracking, behind a quality gate.")
     output_dir: Path | None = Field(None, description="Folder that receives a copy of the final model folder.")
     artifact_root: Path | None = Field(None, description="Root of the content-addressed artifact store "
                                                          "(default $OLIVEFLOW_HOME/artifacts).")
 
     @model_validator(mode="after")
     def _combinations(self) -> PipelineParams:
+        if self.registry.backend == "mlflow" and not (self.tracking.enabled and self.tracking.log_model):
+            raise ValueError("registry.backend mlflow registers the model the tracking run logs; "
+                             "keep tracking.enabled and tracking.log_model on, or pick registry.backend none/azureml")
         if self.export.device == "gpu" and self.quantize.bits != 4:
             raise ValueError("export.device gpu needs quantize.bits 4 (int4 MatMulNBits)")
         return self

@@ -111,6 +111,9 @@ class SmokeReport(_Result):
     decode_tokens_per_second_base: float
     token_latency_p50_ms: float
     token_latency_p90_ms: float
+    # None in reports cached before these were measured.
+    token_latency_p50_ms_base: float | None = Field(None, description="Per-token latency p50 without the adapter.")
+    token_latency_p90_ms_base: float | None = Field(None, description="Per-token latency p90 without the adapter.")
     size_before_bytes: int
     size_after_bytes: int
     size_reduction: float
@@ -136,3 +139,5 @@ class PipelineResult(_Result):
     adapter: Adapter
     onnx: OnnxModel
     smoke: SmokeReport
+    mlflow_run_id: str | None = Field(None, description="The MLflow run that tracked this pipeline run.")
+    registration: str | None = Field(None, description="What registration did, e.g. 'not registered: <reason>'.")

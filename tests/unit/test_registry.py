@@ -127,7 +127,7 @@ def test_mlflow_registration_is_idempotent_and_the_version_loads(tracked, mlflow
 
 
 def test_mlflow_gate_and_explicit_versions(tracked, mlflow_uri, pipeline_result, lineage):
-    registry = MlflowRegistry.at(mlflow_uri)
+    registry = MlflowRegistry(mlflow_uri)
     champion_loss = pipeline_result.adapter.eval_loss_finetuned
     assert register_model(registry, "travel-gate", pipeline_result, tracked, lineage).version.version == "1"
     worse = _variant(pipeline_result, eval_loss=champion_loss + 0.5)
