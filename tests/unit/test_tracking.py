@@ -39,7 +39,7 @@ def test_default_store_is_a_fixed_place_not_the_working_folder(monkeypatch, tmp_
 
 def test_params_are_flattened_with_dotted_names(run_params):
     flat = flatten_params(run_params)
-    assert flat["finetune.r"] == "16" and flat["quantize.algorithm"] == "rtn"
+    assert flat["finetune.r"] == "16" and flat["quantize.algorithm"] == "awq"
     assert flat["smoke_test.max_new_tokens"] == "12" and flat["data.template"] == run_params.data.template
     assert flat["finetune.target_modules"] == "null" and flat["model"] == run_params.model
 
