@@ -178,3 +178,17 @@ def test_stage_command_runs_stages_one_by_one(tiny_model_dir, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["samples"]
     assert main(["stage", "finetune", *common, "--output", str(tmp_path / "x")]) == 2
     assert "needs --quantized" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("algorithm", ["gptq", "rtn"])
+def test_other_quantizers_run_offline(algorithm, chain, tmp_path, monkeypatch):
+    """gptq calibrates on the project's data (HF_HUB_OFFLINE is set for the whole suite: no Hub download)."""
+    from oliveflow.config import QuantizeConfig
+    from oliveflow.stages.quantize import quantize
+
+    result = quantize(chain["base"], QuantizeConfig(algorithm=algorithm, calibration_samples=8), tmp_path,
+                      data=chain["data"])
+    config = json.loads((result.model_dir / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "olive"
+    saved = json.loads((result.artifact.path / "olive_config.json").read_text())
+    assert saved["passes"]["quantize"]["type"].lower() == algorithm
