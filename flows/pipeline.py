@@ -5,8 +5,12 @@ Run it locally with ``python flows/pipeline.py`` (embedded default) or ``olivefl
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.concurrency.sync import concurrency
 
 from oliveflow.config import PipelineParams
 from oliveflow.output import check_output_dir, publish
@@ -22,6 +26,17 @@ from tasks.stages import (
 )
 
 
+def gpu_slot() -> contextlib.AbstractContextManager:
+    """Hold the global concurrency limit named by ``$OLIVEFLOW_GPU_LIMIT`` (one limit of 1 per GPU).
+
+    Deployments on the GPU pool (deployments/deploy.py) set it next to ``CUDA_VISIBLE_DEVICES``, so runs on
+    one GPU queue up, however many workers there are. Unset (local runs): nothing to hold. ``strict``: a
+    name with no limit on the server fails the run instead of silently not serializing.
+    """
+    name = os.environ.get("OLIVEFLOW_GPU_LIMIT", "").strip()
+    return concurrency(name, occupy=1, strict=True) if name else contextlib.nullcontext()
+
+
 @flow(name="oliveflow-pipeline")
 def pipeline(params: PipelineParams = PipelineParams()) -> PipelineResult:
     """Base checkpoint + JSONL examples -> quantized, LoRA-tuned int4 ONNX model for onnxruntime-genai."""
@@ -33,22 +48,25 @@ def pipeline(params: PipelineParams = PipelineParams()) -> PipelineResult:
     data = validate_data_task(params.data)
     base = resolve_model_task(params.model, params.quantize)
 
-    quantized, q_run = run_cached(
-        quantize_task, store, "quantize", quantize_key(store, base, params.quantize, data),
-        base=base, config=params.quantize, data=data)
-    update_progress_artifact(progress, 25.0)
-    adapter, f_run = run_cached(
-        finetune_task, store, "finetune", finetune_key(store, base, quantized, data, template, params.finetune),
-        base=base, model=quantized, data=data, template=template, config=params.finetune)
-    update_progress_artifact(progress, 50.0)
-    onnx, e_run = run_cached(
-        export_task, store, "export", export_key(store, quantized, adapter, params.export),
-        model=quantized, adapter=adapter, config=params.export)
-    update_progress_artifact(progress, 75.0)
-    smoke, s_run = run_cached(
-        smoke_test_task, store, "smoke_test", smoke_key(store, onnx, base, data, template, params.smoke_test),
-        onnx=onnx, base=base, data=data, template=template, config=params.smoke_test)
-    update_progress_artifact(progress, 100.0)
+    with gpu_slot():
+        quantized, q_run = run_cached(
+            quantize_task, store, "quantize", quantize_key(store, base, params.quantize, data),
+            base=base, config=params.quantize, data=data)
+        update_progress_artifact(progress, 25.0)
+        adapter, f_run = run_cached(
+            finetune_task, store, "finetune", finetune_key(store, base, quantized, data, template, params.finetune),
+            base=base, model=quantized, data=data, template=template, config=params.finetune)
+        update_progress_artifact(progress, 50.0)
+    # ModelBuilder runs on the CPU: the GPU is held again only when the model is built and tried for CUDA.
+    with gpu_slot() if params.export.device == "gpu" else contextlib.nullcontext():
+        onnx, e_run = run_cached(
+            export_task, store, "export", export_key(store, quantized, adapter, params.export),
+            model=quantized, adapter=adapter, config=params.export)
+        update_progress_artifact(progress, 75.0)
+        smoke, s_run = run_cached(
+            smoke_test_task, store, "smoke_test", smoke_key(store, onnx, base, data, template, params.smoke_test),
+            onnx=onnx, base=base, data=data, template=template, config=params.smoke_test)
+        update_progress_artifact(progress, 100.0)
 
     model_dir = publish(onnx.model_dir, params.output_dir) if params.output_dir else onnx.model_dir
     result = PipelineResult(

@@ -11,16 +11,21 @@ the small manifests in ``oliveflow.results``.
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
+from prefect.cache_policies import NO_CACHE, CacheKeyFnPolicy
+from prefect.locking.filesystem import FileSystemLockManager
+from prefect.results import get_result_store
 from pydantic import BaseModel
 
-from oliveflow.config import DataConfig, ExportConfig, FinetuneConfig, QuantizeConfig, SmokeTestConfig
+from oliveflow.config import (
+    DataConfig, ExportConfig, FinetuneConfig, QuantizeConfig, SmokeTestConfig, oliveflow_home,
+)
 from oliveflow.errors import InputError, StageError
 from oliveflow.hashing import config_sha256, file_sha256, library_versions
 from oliveflow.results import Adapter, BaseModelRef, DataReport, OnnxModel, QuantizedModel, SmokeReport, StageRun
@@ -52,7 +57,17 @@ def _key_from_parameters(context, parameters: dict[str, Any]) -> str:
     return parameters["key"]
 
 
-CACHED = dict(cache_key_fn=_key_from_parameters, persist_result=True, result_serializer="json",
+def lock_files_directory() -> Path:
+    """Where stage locks live: every process sharing an artifact store on one host must see the same folder."""
+    return Path(os.environ.get("OLIVEFLOW_LOCK_DIR") or oliveflow_home() / "locks")
+
+
+# SERIALIZABLE: a run that needs a stage another process is computing under the same key waits for that
+# process's lock, then is served from its record instead of computing the stage a second time. File locks
+# serve one host; several hosts need a shared lock manager (prefect-redis), see deployments/README.md.
+CACHE_POLICY = CacheKeyFnPolicy(cache_key_fn=_key_from_parameters).configure(
+    isolation_level="SERIALIZABLE", lock_manager=FileSystemLockManager(lock_files_directory()))
+CACHED = dict(cache_policy=CACHE_POLICY, persist_result=True, result_serializer="json",
               retries=1, retry_delay_seconds=5, retry_condition_fn=_transient)
 
 
@@ -154,7 +169,18 @@ def run_cached(task_fn, store: ArtifactStore, stage: str, key: str, **kwargs: An
     artifact, no computation) or "miss".
     """
     intact = store.lookup(stage, key) is not None
+    # Force a recompute only when Prefect holds a record whose artifact is gone or altered. With no record,
+    # the SERIALIZABLE transaction decides: a run that waited for another process computing the same key
+    # gets that process's record (state "Cached") instead of computing the stage again.
+    refresh = not intact and _has_record(task_fn, key)
     started = time.perf_counter()
-    result = task_fn.with_options(refresh_cache=not intact)(key=key, store_root=str(store.root), **kwargs)
-    return result, StageRun(name=stage, cache="hit" if intact else "miss", seconds=time.perf_counter() - started,
+    state = task_fn.with_options(refresh_cache=refresh)(key=key, store_root=str(store.root), return_state=True,
+                                                        **kwargs)
+    result = state.result()
+    served = intact or state.name == "Cached"
+    return result, StageRun(name=stage, cache="hit" if served else "miss", seconds=time.perf_counter() - started,
                             output_bytes=result.artifact.size_bytes if result.artifact else 0)
+
+
+def _has_record(task_fn, key: str) -> bool:
+    return get_result_store().update_for_task(task_fn, _sync=True).exists(key)
