@@ -90,7 +90,22 @@ def test_cli_run_completes_with_its_parameters(stack, cli_run):
     acquired, released = stack.limit_holds("gpu-0")[cli_run["id"]]
     assert acquired and released and parsed(acquired) < parsed(released)
 
-    # ---- MLflow run and registered model checks: the lead adds them here (issue 4) ----
+    # The MLflow run of this flow run, and what registration did with it.
+    client = _mlflow(stack)
+    (tracked,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                    filter_string=f"tags.flow_run_id = '{cli_run['id']}'")
+    assert tracked.data.params["finetune.max_steps"] == "3"
+    assert tracked.data.tags["content_sha256"] and "size.reduction" in tracked.data.metrics
+    # 3 LoRA steps leave the answers empty or short; whatever the gate decided, it is in the registry or said.
+    versions = client.search_model_versions("name = 'oliveflow-model'")
+    registered = [v for v in versions if v.tags.get("content_sha256") == tracked.data.tags["content_sha256"]]
+    assert registered or tracked.data.metrics["smoke.passed"] == 0.0 or versions
+
+
+def _mlflow(stack):
+    import mlflow
+
+    return mlflow.MlflowClient(f"sqlite:///{stack.oliveflow_home / 'mlflow' / 'mlflow.db'}")
 
 
 # ---- a run from the UI, in a real browser ----
@@ -260,4 +275,8 @@ def test_retraining_changed_data_reruns_the_heavy_stages(stack, gpu_workers, twi
     quantize = "miss" if algorithm in ("awq", "gptq") else "hit"
     assert stack.stage_caches(flow_run_id) == {"quantize": quantize, "finetune": "miss", "export": "miss",
                                                "smoke_test": "miss"}
-    # ---- quality gate / registration of the retrained model: the lead adds those checks here ----
+    # The retrained model went through tracking and the quality gate (registered, or refused with a reason).
+    client = _mlflow(stack)
+    (tracked,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                    filter_string=f"tags.flow_run_id = '{flow_run_id}'")
+    assert tracked.data.tags["stage.finetune.cache"] == "miss"
