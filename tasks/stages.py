@@ -19,7 +19,6 @@ from typing import Any, TypeVar
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE, CacheKeyFnPolicy
-from prefect.locking.filesystem import FileSystemLockManager
 from prefect.results import get_result_store
 from pydantic import BaseModel
 
@@ -36,6 +35,7 @@ from oliveflow.stages.model import resolve_model
 from oliveflow.stages.quantize import quantize
 from oliveflow.stages.smoke_test import smoke_test
 from oliveflow.store import RESULT_FILE, ArtifactStore, load_result
+from tasks.locking import ProcessAwareLockManager
 
 R = TypeVar("R", bound=BaseModel)
 
@@ -66,7 +66,7 @@ def lock_files_directory() -> Path:
 # process's lock, then is served from its record instead of computing the stage a second time. File locks
 # serve one host; several hosts need a shared lock manager (prefect-redis), see deployments/README.md.
 CACHE_POLICY = CacheKeyFnPolicy(cache_key_fn=_key_from_parameters).configure(
-    isolation_level="SERIALIZABLE", lock_manager=FileSystemLockManager(lock_files_directory()))
+    isolation_level="SERIALIZABLE", lock_manager=ProcessAwareLockManager(lock_files_directory()))
 CACHED = dict(cache_policy=CACHE_POLICY, persist_result=True, result_serializer="json",
               retries=1, retry_delay_seconds=5, retry_condition_fn=_transient)
 
