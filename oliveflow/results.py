@@ -111,9 +111,8 @@ class SmokeReport(_Result):
     decode_tokens_per_second_base: float
     token_latency_p50_ms: float
     token_latency_p90_ms: float
-    # None in reports cached before these were measured.
-    token_latency_p50_ms_base: float | None = Field(None, description="Per-token latency p50 without the adapter.")
-    token_latency_p90_ms_base: float | None = Field(None, description="Per-token latency p90 without the adapter.")
+    token_latency_p50_ms_base: float
+    token_latency_p90_ms_base: float
     size_before_bytes: int
     size_after_bytes: int
     size_reduction: float

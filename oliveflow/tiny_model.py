@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from oliveflow.config import REPO_ROOT, oliveflow_home
+
 # Bump whenever a change to this module changes the bytes it writes, so old caches are rebuilt.
 BUILDER_VERSION = "1"
 
@@ -37,8 +39,8 @@ SYSTEM = "<|system|>"
 # Order fixes the ids (0..4): trained into the vocabulary before any merge.
 SPECIAL_TOKENS: tuple[str, ...] = (ENDOFTEXT, USER, ASSISTANT, END, SYSTEM)
 
-# Repository-relative location of the bundled training data (absent in an installed wheel).
-BUNDLED_DATA_FILE = Path(__file__).resolve().parents[1] / "data" / "travel_train.jsonl"
+# The bundled training data (absent in an installed wheel).
+BUNDLED_DATA_FILE = REPO_ROOT / "data" / "travel_train.jsonl"
 
 
 @dataclass(frozen=True)
@@ -289,11 +291,6 @@ def _pretrain(model: Any, documents: list[list[int]], params: TinyModelParams, s
 # ---------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------
-
-
-def oliveflow_home() -> Path:
-    """`$OLIVEFLOW_HOME`, defaulting to `~/.cache/oliveflow`."""
-    return Path(os.environ.get("OLIVEFLOW_HOME") or Path.home() / ".cache" / "oliveflow")
 
 
 def default_data_files() -> list[Path]:

@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from oliveflow.config import EMBEDDED_MODEL, REPO_ROOT, QuantizeConfig, oliveflow_home
+from oliveflow.config import EMBEDDED_MODEL, QuantizeConfig, oliveflow_home
 from oliveflow.errors import InputError
 from oliveflow.hashing import config_sha256, tree_files, tree_sha256, tree_size
 from oliveflow.results import Artifact, BaseModelRef
@@ -40,7 +40,7 @@ def locate(spec: str) -> Path:
     if spec == EMBEDDED_MODEL:
         from oliveflow.tiny_model import ensure_tiny_model
 
-        return ensure_tiny_model([REPO_ROOT / "data" / "travel_train.jsonl"])
+        return ensure_tiny_model()
     path = Path(spec).expanduser()
     if path.exists():
         return path.resolve()
