@@ -52,6 +52,19 @@ def _reason(messages: list[str]) -> str:
                       for line in interesting[-2:])
 
 
+def jsonl_data_config(name: str, path: Path, template: str, max_seq_len: int, max_samples: int,
+                      batch_size: int = 1) -> dict:
+    """An Olive data config reading a local JSONL file through a text template (never the Hub)."""
+    return {
+        "name": name,
+        "type": "HuggingfaceContainer",
+        "load_dataset_config": {"data_name": "json", "data_files": [str(path)], "split": "train"},
+        "pre_process_data_config": {"text_template": template, "max_seq_len": max_seq_len,
+                                    "max_samples": max_samples},
+        "dataloader_config": {"batch_size": batch_size},
+    }
+
+
 WORK_DIR = ".olive-work"
 
 

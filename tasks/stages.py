@@ -25,7 +25,6 @@ from pydantic import BaseModel
 from oliveflow.config import (
     DataConfig, ExportConfig, FinetuneConfig, QuantizeConfig, SmokeTestConfig, oliveflow_home,
 )
-from oliveflow.errors import InputError, StageError
 from oliveflow.hashing import config_sha256, file_sha256, library_versions
 from oliveflow.results import Adapter, BaseModelRef, DataReport, OnnxModel, QuantizedModel, SmokeReport, StageRun
 from oliveflow.stages.data import validate_data
@@ -44,9 +43,7 @@ def _transient(task, task_run, state) -> bool:
     """Retry only what may pass on a second try (I/O hiccups), never bad input or a failed pass."""
     try:
         state.result()
-    except (InputError, StageError, ValueError, TypeError, KeyError):
-        return False
-    except (OSError, TimeoutError, ConnectionError):
+    except (OSError, TimeoutError):  # ConnectionError too; InputError/StageError are not OSErrors
         return True
     except Exception:
         return False

@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 
 from oliveflow import olive_runner
+from oliveflow.olive_runner import jsonl_data_config
 from oliveflow.config import FinetuneConfig
 from oliveflow.results import Adapter, BaseModelRef, DataReport, QuantizedModel
 from oliveflow.stages import artifact_of
 from oliveflow.stages.data import read_examples, render
-from oliveflow.stages.quantize import jsonl_data_config
 
 ADAPTER_SUBDIR = "adapter"
 

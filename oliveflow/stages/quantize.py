@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from oliveflow import olive_runner
+from oliveflow.olive_runner import jsonl_data_config
 from oliveflow.config import QuantizeConfig
 from oliveflow.errors import InputError
 from oliveflow.hashing import tree_size
@@ -14,19 +15,6 @@ from oliveflow.results import BaseModelRef, DataReport, QuantizedModel
 from oliveflow.stages import artifact_of
 
 MODEL_SUBDIR = "model"
-
-
-def jsonl_data_config(name: str, path: Path, template: str, max_seq_len: int, max_samples: int,
-                      batch_size: int = 1) -> dict:
-    """An Olive data config reading a local JSONL file through a text template (never the Hub)."""
-    return {
-        "name": name,
-        "type": "HuggingfaceContainer",
-        "load_dataset_config": {"data_name": "json", "data_files": [str(path)], "split": "train"},
-        "pre_process_data_config": {"text_template": template, "max_seq_len": max_seq_len,
-                                    "max_samples": max_samples},
-        "dataloader_config": {"batch_size": batch_size},
-    }
 
 
 def calibration_template(data: DataReport) -> str:
