@@ -42,7 +42,7 @@ def pipeline(params: PipelineParams = PipelineParams()) -> PipelineResult:
     """Base checkpoint + JSONL examples -> quantized, LoRA-tuned int4 ONNX model for onnxruntime-genai."""
     check_output_dir(params.output_dir)
     check_registry_settings(params.registry)  # missing Azure workspace settings fail here, before heavy stages
-    store = ArtifactStore(params.store_root())
+    store = ArtifactStore(params.store_location())
     template = params.data.template
     progress = create_progress_artifact(0.0, description="oliveflow pipeline: stages done (%)")
     data = validate_data_task(params.data)

@@ -128,8 +128,22 @@ class PipelineParams(_Config):
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="Model registration after "
                                                                                  "tracking, behind a quality gate.")
     output_dir: Path | None = Field(None, description="Folder that receives a copy of the final model folder.")
-    artifact_root: Path | None = Field(None, description="Root of the content-addressed artifact store "
-                                                         "(default $OLIVEFLOW_HOME/artifacts).")
+    artifact_store: str | None = Field(
+        None, description="Artifact store: a local folder, or an fsspec URL every worker shares (az://container/"
+                          "prefix with the scale-out extra). Empty: $OLIVEFLOW_ARTIFACT_STORE, else "
+                          "$OLIVEFLOW_HOME/artifacts.")
+
+    @field_validator("artifact_store")
+    @classmethod
+    def _store_protocol(cls, value: str | None) -> str | None:
+        if value and "://" in value:
+            import fsspec
+
+            protocol = value.split("://", 1)[0]
+            if protocol not in fsspec.available_protocols():
+                raise ValueError(f"artifact_store {value!r}: unknown protocol {protocol!r}; use a folder or an "
+                                 "fsspec URL such as az://container/prefix")
+        return value or None
 
     @model_validator(mode="after")
     def _combinations(self) -> PipelineParams:
@@ -140,5 +154,5 @@ class PipelineParams(_Config):
             raise ValueError("export.device gpu needs quantize.bits 4 (int4 MatMulNBits)")
         return self
 
-    def store_root(self) -> Path:
-        return (self.artifact_root or oliveflow_home() / "artifacts").expanduser().resolve()
+    def store_location(self) -> str:
+        return self.artifact_store or os.environ.get("OLIVEFLOW_ARTIFACT_STORE") or str(oliveflow_home() / "artifacts")

@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from oliveflow.config import (
     DataConfig, ExportConfig, FinetuneConfig, QuantizeConfig, SmokeTestConfig, oliveflow_home,
 )
+from oliveflow.errors import StageError
 from oliveflow.hashing import config_sha256, file_sha256, library_versions
 from oliveflow.results import Adapter, BaseModelRef, DataReport, OnnxModel, QuantizedModel, SmokeReport, StageRun
 from oliveflow.stages.data import validate_data
@@ -34,7 +35,7 @@ from oliveflow.stages.model import resolve_model
 from oliveflow.stages.quantize import quantize
 from oliveflow.stages.smoke_test import smoke_test
 from oliveflow.store import RESULT_FILE, ArtifactStore, load_result
-from tasks.locking import ProcessAwareLockManager
+from tasks.locking import lock_manager
 
 R = TypeVar("R", bound=BaseModel)
 
@@ -61,9 +62,9 @@ def lock_files_directory() -> Path:
 
 # SERIALIZABLE: a run that needs a stage another process is computing under the same key waits for that
 # process's lock, then is served from its record instead of computing the stage a second time. File locks
-# serve one host; several hosts need a shared lock manager (prefect-redis), see deployments/README.md.
+# serve one host; several hosts set $OLIVEFLOW_LOCK_URL to a Redis server (tasks/locking.py).
 CACHE_POLICY = CacheKeyFnPolicy(cache_key_fn=_key_from_parameters).configure(
-    isolation_level="SERIALIZABLE", lock_manager=ProcessAwareLockManager(lock_files_directory()))
+    isolation_level="SERIALIZABLE", lock_manager=lock_manager(lock_files_directory()))
 CACHED = dict(cache_policy=CACHE_POLICY, persist_result=True, result_serializer="json",
               retries=1, retry_delay_seconds=5, retry_condition_fn=_transient)
 
@@ -81,7 +82,7 @@ def code_sha256(stage: str) -> str:
 
 
 def stage_key(stage: str, store: ArtifactStore, **inputs: Any) -> str:
-    return config_sha256({"stage": stage, "store": str(store.root), "versions": library_versions(),
+    return config_sha256({"stage": stage, "store": store.location, "versions": library_versions(),
                           "code": code_sha256(stage), **inputs})
 
 
@@ -115,9 +116,9 @@ def quantize_key(store: ArtifactStore, base: BaseModelRef, config: QuantizeConfi
 
 
 @task(name="quantize", **CACHED)
-def quantize_task(key: str, store_root: str, base: BaseModelRef, config: QuantizeConfig,
+def quantize_task(key: str, store_url: str, base: BaseModelRef, config: QuantizeConfig,
                   data: DataReport) -> QuantizedModel:
-    return materialize(ArtifactStore(store_root), "quantize", key, QuantizedModel,
+    return materialize(ArtifactStore(store_url), "quantize", key, QuantizedModel,
                        lambda out: quantize(base, config, out, data=data))
 
 
@@ -128,9 +129,9 @@ def finetune_key(store: ArtifactStore, base: BaseModelRef, model: QuantizedModel
 
 
 @task(name="finetune", **CACHED)
-def finetune_task(key: str, store_root: str, base: BaseModelRef, model: QuantizedModel, data: DataReport,
+def finetune_task(key: str, store_url: str, base: BaseModelRef, model: QuantizedModel, data: DataReport,
                   template: str, config: FinetuneConfig) -> Adapter:
-    return materialize(ArtifactStore(store_root), "finetune", key, Adapter,
+    return materialize(ArtifactStore(store_url), "finetune", key, Adapter,
                        lambda out: finetune(base, model, data, template, config, out))
 
 
@@ -139,8 +140,8 @@ def export_key(store: ArtifactStore, model: QuantizedModel, adapter: Adapter, co
 
 
 @task(name="export_onnx", **CACHED)
-def export_task(key: str, store_root: str, model: QuantizedModel, adapter: Adapter, config: ExportConfig) -> OnnxModel:
-    return materialize(ArtifactStore(store_root), "export", key, OnnxModel,
+def export_task(key: str, store_url: str, model: QuantizedModel, adapter: Adapter, config: ExportConfig) -> OnnxModel:
+    return materialize(ArtifactStore(store_url), "export", key, OnnxModel,
                        lambda out: export_onnx(model, adapter, config, out))
 
 
@@ -151,9 +152,9 @@ def smoke_key(store: ArtifactStore, onnx: OnnxModel, base: BaseModelRef, data: D
 
 
 @task(name="smoke_test", **CACHED)
-def smoke_test_task(key: str, store_root: str, onnx: OnnxModel, base: BaseModelRef, data: DataReport,
+def smoke_test_task(key: str, store_url: str, onnx: OnnxModel, base: BaseModelRef, data: DataReport,
                     template: str, config: SmokeTestConfig) -> SmokeReport:
-    return materialize(ArtifactStore(store_root), "smoke_test", key, SmokeReport,
+    return materialize(ArtifactStore(store_url), "smoke_test", key, SmokeReport,
                        lambda out: smoke_test(onnx, base, data, template, config))
 
 
@@ -171,10 +172,16 @@ def run_cached(task_fn, store: ArtifactStore, stage: str, key: str, **kwargs: An
     # gets that process's record (state "Cached") instead of computing the stage again.
     refresh = not intact and _has_record(task_fn, key)
     started = time.perf_counter()
-    state = task_fn.with_options(refresh_cache=refresh)(key=key, store_root=str(store.root), return_state=True,
+    state = task_fn.with_options(refresh_cache=refresh)(key=key, store_url=store.location, return_state=True,
                                                         **kwargs)
     result = state.result()
     served = intact or state.name == "Cached"
+    if not intact:
+        # A record written by another host points into that host's copy of the store: use this host's copy
+        # (for a URL store, the lookup downloads it).
+        if store.lookup(stage, key, verify=False) is None:
+            raise StageError(f"{stage}: the cache record for {key[:12]} has no artifact in {store.location}")
+        result = load_result(store.path(stage, key), type(result))
     return result, StageRun(name=stage, cache="hit" if served else "miss", seconds=time.perf_counter() - started,
                             output_bytes=result.artifact.size_bytes if result.artifact else 0)
 

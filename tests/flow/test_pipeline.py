@@ -132,7 +132,7 @@ def test_deleted_or_altered_artifact_is_recomputed(fast_base):
 
 def test_bad_input_fails_early_and_keeps_the_cache(fast_base, tmp_path):
     params, first = fast_base
-    store = ArtifactStore(params.store_root())
+    store = ArtifactStore(params.store_location())
     before = sorted(p.name for p in store.root.glob("*/*"))
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"prompt": "a", "response": "b"}\n{"prompt": \n')

@@ -45,5 +45,5 @@ def test_tracking_server_down_fails_clearly_and_keeps_artifacts(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     with pytest.raises(TrackingError, match="127.0.0.1:9"):
         pipeline(params)
-    store = ArtifactStore(params.store_root())
+    store = ArtifactStore(params.store_location())
     assert store.lookup("export", built.onnx.artifact.path.name) is not None

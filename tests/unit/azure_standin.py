@@ -34,12 +34,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-ACCOUNT = "devstoreaccount1"
-# Azurite's well-known development key (public, documented by Microsoft); not a secret.
-ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+from services import ACCOUNT, STORAGE_SUFFIX
+
 BLOB_CONTAINER = "azureml-blobstore-standin"
-STORAGE_SUFFIX = "core.localhost"
-AZURITE_VERSION = "3.35.0"
 
 
 # ---- certificates ----
@@ -101,12 +98,6 @@ def localhost_subdomains(monkeypatch) -> Iterator[None]:
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     yield
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- the ARM stand-in ----
@@ -287,60 +278,6 @@ class ArmStandIn:
     def __exit__(self, *exc) -> None:
         self._server.shutdown()
         self._server.server_close()
-
-
-# ---- Azurite ----
-
-def azurite_binary() -> Path | None:
-    """azurite-blob from $OLIVEFLOW_AZURITE_DIR (what .ci/install-azurite.sh fills) or PATH."""
-    prefix = Path(os.environ.get("OLIVEFLOW_AZURITE_DIR", Path.home() / ".cache" / "oliveflow-azurite"))
-    candidate = prefix / "node_modules" / ".bin" / "azurite-blob"
-    if candidate.is_file():
-        return candidate
-    found = shutil.which("azurite-blob")
-    return Path(found) if found else None
-
-
-class Azurite:
-    """Azurite's blob service over TLS on a free port, started and stopped by pid."""
-
-    def __init__(self, binary: Path, tls: Tls, workdir: Path):
-        self.port = free_port()
-        self.log = workdir / "azurite.log"
-        self.data_dir = workdir / "data"
-        workdir.mkdir(parents=True, exist_ok=True)
-        self._command = [str(binary), "--blobHost", "127.0.0.1", "--blobPort", str(self.port),
-                         "--location", str(self.data_dir), "--cert", str(tls.cert), "--key", str(tls.key),
-                         "--skipApiVersionCheck", "--loose", "--silent"]
-        self._process: subprocess.Popen | None = None
-        self.account_url = f"https://{ACCOUNT}.blob.{STORAGE_SUFFIX}:{self.port}"
-
-    def __enter__(self) -> Azurite:
-        with open(self.log, "wb") as log:
-            self._process = subprocess.Popen(self._command, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"azurite exited with {self._process.returncode}: {self.log.read_text()[-2000:]}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                return self
-            time.sleep(0.1)
-        self.__exit__()
-        raise RuntimeError(f"azurite did not listen on {self.port} within 30 s: {self.log.read_text()[-2000:]}")
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process else None
-
-    def __exit__(self, *exc) -> None:
-        if self._process is None or self._process.poll() is not None:
-            return
-        self._process.terminate()
-        try:
-            self._process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait(timeout=10)
 
 
 # ---- a credential for the stand-in ----

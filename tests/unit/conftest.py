@@ -138,22 +138,17 @@ class AzureStandIn:
 @pytest.fixture(scope="module")
 def azure(tmp_path_factory):
     """ARM stand-in and Azurite over TLS, started here and stopped by pid at the end of the module."""
-    from azure_standin import (ACCOUNT, ACCOUNT_KEY, BLOB_CONTAINER, STORAGE_SUFFIX, ArmStandIn, Azurite,
-                               azurite_binary, localhost_subdomains, make_tls)
+    from azure_standin import BLOB_CONTAINER, ArmStandIn, localhost_subdomains, make_tls
+    from services import ACCOUNT, ACCOUNT_KEY, STORAGE_SUFFIX, Azurite, azurite_binary, require
 
-    binary = azurite_binary()
-    if binary is None:
-        reason = ("Azurite not installed: run .ci/install-azurite.sh (npm install azurite into "
-                  "$OLIVEFLOW_AZURITE_DIR, default ~/.cache/oliveflow-azurite)")
-        if os.environ.get("CI"):
-            pytest.fail(reason + " -- CI must run these tests, not skip them")
-        pytest.skip(reason)
+    binary = require(azurite_binary(), "Azurite not installed: run .ci/install-azurite.sh (npm install azurite "
+                     "into $OLIVEFLOW_AZURITE_DIR, default ~/.cache/oliveflow-azurite)", ci_must_have=True)
     work = tmp_path_factory.mktemp("azure")
     tls = make_tls(work / "tls")
     had_cloud = os.environ.get("AZUREML_CURRENT_CLOUD")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("REQUESTS_CA_BUNDLE", str(tls.ca))
-        with localhost_subdomains(patch), Azurite(binary, tls, work / "azurite") as azurite:
+        with localhost_subdomains(patch), Azurite(binary, work / "azurite", tls) as azurite:
             from azure.storage.blob import BlobServiceClient
 
             blobs = BlobServiceClient(azurite.account_url,

@@ -1,7 +1,7 @@
 import pytest
 
 from oliveflow.hashing import config_sha256, tree_sha256
-from oliveflow.store import ArtifactStore
+from oliveflow.store import MANIFEST, ArtifactStore
 
 
 def test_write_is_atomic_and_verified(tmp_path):
@@ -44,3 +44,72 @@ def test_tree_hash_covers_names_and_contents(tmp_path):
 def test_config_hash_is_canonical():
     assert config_sha256({"a": 1, "b": 2}) == config_sha256({"b": 2, "a": 1})
     assert config_sha256({"a": 1}) != config_sha256({"a": 2})
+
+
+# ---- a store on shared object storage: two hosts, each with its own local copy ----
+
+def _hosts(url: str, tmp_path):
+    return ArtifactStore(url, cache_dir=tmp_path / "host-a"), ArtifactStore(url, cache_dir=tmp_path / "host-b")
+
+
+def _write(store: ArtifactStore, key: str, files: dict[str, bytes]) -> None:
+    with store.write("s", key) as tmp:
+        for name, data in files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_bytes(data)
+
+
+FILES = {"model/model.onnx": b"graph" * 1000, "model/genai_config.json": b"{}", "oliveflow-result.json": b"{}"}
+
+
+def test_url_store_serves_one_hosts_artifact_to_another(tmp_path):
+    a, b = _hosts(f"memory://{tmp_path.name}/store", tmp_path)
+    assert b.lookup("s", "k") is None
+    _write(a, "k", FILES)
+    found = b.lookup("s", "k")
+    assert found is not None and found.path == tmp_path / "host-b" / "s" / "k"
+    assert found.sha256 == a.lookup("s", "k").sha256
+    assert {p: (found.path / p).read_bytes() for p in FILES} == FILES
+    assert b.location == a.location == f"memory://{tmp_path.name}/store"
+
+
+def test_url_store_never_serves_an_upload_cut_short_or_altered(tmp_path):
+    a, b = _hosts(f"memory://{tmp_path.name}/store", tmp_path)
+    _write(a, "k", FILES)
+    remote = f"{a._remote}/s/k"
+    a.fs.pipe_file(f"{remote}/model/model.onnx", b"tampered")
+    assert b.lookup("s", "k") is None, "a download that does not match its manifest must not be served"
+    assert not (tmp_path / "host-b" / "s" / "k").exists() and not list((tmp_path / "host-b" / "s").glob(".get-*"))
+    a.fs.rm(f"{remote}/{MANIFEST}")  # as if the upload died before its last file
+    assert b.lookup("s", "k") is None
+
+
+def test_url_store_republishes_what_only_this_host_has(tmp_path):
+    a, b = _hosts(f"memory://{tmp_path.name}/store", tmp_path)
+    _write(a, "k", FILES)
+    a.fs.rm(f"{a._remote}/s/k", recursive=True)  # e.g. the upload failed, or the bucket was cleaned
+    assert a.lookup("s", "k") is not None
+    assert b.lookup("s", "k") is not None, "host a's lookup should have uploaded its copy again"
+
+
+def test_url_store_on_azurite(tmp_path, azurite_http, monkeypatch):
+    """The scale-out store for real: adlfs against Azurite's blob service, credentials from the environment."""
+    from azure.storage.blob import BlobServiceClient
+
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite_http.connection_string)
+    a, b = _hosts("az://oliveflow-store/team-a", tmp_path)
+    _write(a, "k", FILES)
+    blobs = BlobServiceClient.from_connection_string(azurite_http.connection_string)
+    names = sorted(x.name for x in blobs.get_container_client("oliveflow-store").list_blobs())
+    assert names == sorted([f"team-a/s/k/{p}" for p in FILES] + [f"team-a/s/k/{MANIFEST}"])
+    found = b.lookup("s", "k")
+    assert found is not None and (found.path / "model" / "model.onnx").read_bytes() == FILES["model/model.onnx"]
+
+
+def test_unknown_store_protocol_is_a_clear_error():
+    from pydantic import ValidationError
+
+    from oliveflow.config import PipelineParams
+
+    with pytest.raises(ValidationError, match="unknown protocol 'nope'"):
+        PipelineParams(artifact_store="nope://x/y")
