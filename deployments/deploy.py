@@ -11,7 +11,9 @@ specs to the server. Nothing here runs the pipeline or imports Olive.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +25,7 @@ FLOW_NAME = "oliveflow-pipeline"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENTRYPOINT = "flows/pipeline.py:pipeline"
 GPU_LIMIT_ENV = "OLIVEFLOW_GPU_LIMIT"  # read by flows/pipeline.py: the global concurrency limit to hold
+RESULT_BLOCK = "azure-blob-storage-container/oliveflow-results"
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,9 @@ class Site:
     eval_data: str | None = None
     params: dict[str, Any] = field(default_factory=dict)  # nested PipelineParams overrides for every deployment
     env: dict[str, str] = field(default_factory=dict)  # extra environment for every run (OLIVEFLOW_HOME, ...)
+    # Prefect result storage every worker shares (the stages' cache records): az://container[/folder], kept
+    # in an AzureBlobStorageContainer block. None: each worker's local storage.
+    result_storage: str | None = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,8 @@ def specs(site: Site) -> list[Spec]:
     params = flow_params(site)
     data = (params.get("data") or {}).get("train_path", "the flow's default data")
     env = {"OLIVE_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1", **site.env}
+    if site.result_storage:
+        env["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] = RESULT_BLOCK
     shared = dict(parameters={"params": params}, tags=("oliveflow",))
 
     def pinned(gpu: str) -> dict[str, Any]:
@@ -144,6 +152,45 @@ def pools(site: Site) -> dict[str, str]:
     return out
 
 
+def save_result_storage(url: str) -> str:
+    """Create or update the result-storage block for ``az://container[/folder]`` (and the container).
+
+    Credentials: ``$AZURE_STORAGE_CONNECTION_STRING`` when set (kept in the block as a secret), else the
+    account ``$AZURE_STORAGE_ACCOUNT_NAME`` with DefaultAzureCredential on each worker (no secret stored).
+    """
+    from azure.core.exceptions import ResourceExistsError
+    from prefect_azure import AzureBlobStorageContainer, AzureBlobStorageCredentials
+
+    protocol, _, path = url.partition("://")
+    container, _, folder = path.partition("/")
+    if protocol not in ("az", "abfs") or not container:
+        raise SystemExit(f"deploy: --result-storage {url!r} is not az://container[/folder]")
+    connection = os.environ.get("AZURE_STORAGE_CONNECTION_STRING")
+    account = os.environ.get("AZURE_STORAGE_ACCOUNT_NAME")
+    if connection:
+        credentials = AzureBlobStorageCredentials(connection_string=connection)
+    elif account:
+        credentials = AzureBlobStorageCredentials(account_url=f"https://{account}.blob.core.windows.net")
+    else:
+        raise SystemExit("deploy: --result-storage needs AZURE_STORAGE_CONNECTION_STRING or "
+                         "AZURE_STORAGE_ACCOUNT_NAME in the environment")
+    if connection:
+        from azure.storage.blob import BlobServiceClient
+
+        service = BlobServiceClient.from_connection_string(connection)
+    else:
+        from azure.identity import DefaultAzureCredential
+        from azure.storage.blob import BlobServiceClient
+
+        service = BlobServiceClient(credentials.account_url, credential=DefaultAzureCredential())
+    with contextlib.suppress(ResourceExistsError):
+        service.create_container(container)
+    block = AzureBlobStorageContainer(container_name=container, credentials=credentials,
+                                      base_folder=folder.strip("/") or None)
+    block.save(RESULT_BLOCK.split("/", 1)[1], overwrite=True)
+    return RESULT_BLOCK
+
+
 def apply(site: Site) -> dict[str, str]:
     """Create or update the pools, the GPU limits and the deployments; return {deployment name: id}."""
     from prefect import Flow
@@ -155,6 +202,8 @@ def apply(site: Site) -> dict[str, str]:
     from prefect.schedules import Cron
     from prefect.workers.process import ProcessWorker
 
+    if site.result_storage:
+        save_result_storage(site.result_storage)
     template = ProcessWorker.get_default_base_job_template()
     with get_client(sync_client=True) as client:
         for name, description in pools(site).items():
@@ -206,6 +255,10 @@ def _parse(argv: list[str] | None) -> tuple[Site, argparse.Namespace]:
                    help="default flow parameter for every deployment, e.g. finetune.max_steps=200 (repeatable)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment variable for every run, e.g. OLIVEFLOW_HOME=/shared/oliveflow (repeatable)")
+    p.add_argument("--artifact-store", help="artifact store every worker shares: a folder on a shared mount or an "
+                                            "fsspec URL such as az://container/prefix (sets artifact_store)")
+    p.add_argument("--result-storage", help="Prefect result storage every worker shares, az://container[/folder]: "
+                                            f"saved as block {RESULT_BLOCK!r}, used by every deployment")
     p.add_argument("--dry-run", action="store_true", help="print pools, limits and deployments as JSON; no server")
     args = p.parse_args(argv)
 
@@ -222,6 +275,8 @@ def _parse(argv: list[str] | None) -> tuple[Site, argparse.Namespace]:
             tree[leaf] = json.loads(value)
         except ValueError:
             tree[leaf] = value
+    if args.artifact_store:
+        params["artifact_store"] = args.artifact_store
     env = {}
     for item in args.env:
         key, sep, value = item.partition("=")
@@ -234,7 +289,8 @@ def _parse(argv: list[str] | None) -> tuple[Site, argparse.Namespace]:
     hosts = tuple(h.strip() for h in args.hosts.split(",") if h.strip())
     site = Site(gpu_pool=args.gpu_pool, cpu_pool=None if args.no_cpu else args.cpu_pool, gpus=gpus, hosts=hosts,
                 limit_prefix=args.limit_prefix, source=args.source, cron=args.cron, timezone=args.timezone,
-                train_data=args.train_data, eval_data=args.eval_data, params=params, env=env)
+                train_data=args.train_data, eval_data=args.eval_data, params=params, env=env,
+                result_storage=args.result_storage)
     return site, args
 
 

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+from uuid import UUID
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_client, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.concurrency.sync import concurrency
+from prefect.runtime import deployment
 
-from oliveflow.config import PipelineParams
+from oliveflow.config import PipelineParams, overlay
 from oliveflow.output import check_output_dir, publish
 from oliveflow.report import markdown
 from oliveflow.results import PipelineResult
@@ -37,9 +39,18 @@ def gpu_slot() -> contextlib.AbstractContextManager:
     return concurrency(name, occupy=1, strict=True) if name else contextlib.nullcontext()
 
 
+def deployment_params() -> dict:
+    """The ``params`` of the deployment this run was made from; {} for a run with no deployment."""
+    if deployment.id is None:
+        return {}
+    with get_client(sync_client=True) as client:
+        return client.read_deployment(UUID(deployment.id)).parameters.get("params") or {}
+
+
 @flow(name="oliveflow-pipeline")
 def pipeline(params: PipelineParams = PipelineParams()) -> PipelineResult:
     """Base checkpoint + JSONL examples -> quantized, LoRA-tuned int4 ONNX model for onnxruntime-genai."""
+    params = overlay(deployment_params(), params)  # a run's changes over its deployment's defaults
     check_output_dir(params.output_dir)
     check_registry_settings(params.registry)  # missing Azure workspace settings fail here, before heavy stages
     store = ArtifactStore(params.store_location())

@@ -63,8 +63,10 @@ def _preflight(params: PipelineParams) -> None:
     from oliveflow.output import check_output_dir
     from oliveflow.stages.data import validate_data
     from oliveflow.stages.model import resolve_model
+    from oliveflow.store import ArtifactStore
 
     check_output_dir(params.output_dir)
+    ArtifactStore(params.store_location())  # an az:// store without adlfs fails here
     validate_data(params.data)
     resolve_model(params.model, params.quantize)
 

@@ -156,3 +156,24 @@ class PipelineParams(_Config):
 
     def store_location(self) -> str:
         return self.artifact_store or os.environ.get("OLIVEFLOW_ARTIFACT_STORE") or str(oliveflow_home() / "artifacts")
+
+
+def _deep_merge(base: dict, changes: dict) -> dict:
+    merged = dict(base)
+    for key, value in changes.items():
+        merged[key] = (_deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict)
+                       else value)
+    return merged
+
+
+def overlay(defaults: dict, params: PipelineParams) -> PipelineParams:
+    """``params`` over ``defaults`` field by field, at every depth: what a run sets wins, the rest is kept.
+
+    Prefect merges a run's parameters over its deployment's by top-level name only, so a run that sets
+    ``{"finetune": {"max_steps": 3}}`` would otherwise lose the deployment's data location and every other
+    default. Only fields the run set explicitly (pydantic's ``model_fields_set``) count as changes.
+    """
+    if not defaults:
+        return params
+    return PipelineParams.model_validate(_deep_merge(defaults, params.model_dump(mode="json", exclude_unset=True)))
+

@@ -176,12 +176,11 @@ def run_cached(task_fn, store: ArtifactStore, stage: str, key: str, **kwargs: An
                                                         **kwargs)
     result = state.result()
     served = intact or state.name == "Cached"
-    if not intact:
-        # A record written by another host points into that host's copy of the store: use this host's copy
-        # (for a URL store, the lookup downloads it).
-        if store.lookup(stage, key, verify=False) is None:
-            raise StageError(f"{stage}: the cache record for {key[:12]} has no artifact in {store.location}")
-        result = load_result(store.path(stage, key), type(result))
+    # A record written on another host points into that host's copy of the store: serve this host's copy
+    # (for a URL store, the lookup downloads it).
+    if not intact and store.lookup(stage, key, verify=False) is None:
+        raise StageError(f"{stage}: the cache record for {key[:12]} has no artifact in {store.location}")
+    result = load_result(store.path(stage, key), type(result))
     return result, StageRun(name=stage, cache="hit" if served else "miss", seconds=time.perf_counter() - started,
                             output_bytes=result.artifact.size_bytes if result.artifact else 0)
 

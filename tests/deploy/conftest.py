@@ -33,6 +33,8 @@ FLOW = "oliveflow-pipeline"
 FAST = {"quantize": {"calibration_samples": 8},
         "finetune": {"max_steps": 2, "batch_size": 2, "max_seq_len": 64},
         "smoke_test": {"num_samples": 1, "max_new_tokens": 8}}
+ARTIFACT_STORE = "az://oliveflow-artifacts/team"  # on Azurite, through adlfs
+RESULT_STORAGE = "az://prefect-results/oliveflow"  # an AzureBlobStorageContainer block (prefect-azure)
 
 
 def dotted(tree: dict[str, Any], prefix: str = "") -> list[str]:
@@ -113,13 +115,14 @@ def wait_healthy(url: str, proc: subprocess.Popen, processes: Processes, timeout
 class Stack:
     """What the tests talk to: the server's URLs, the environment every component shares, the workers."""
 
-    def __init__(self, root: Path, processes: Processes, port: int):
+    def __init__(self, root: Path, processes: Processes, port: int, blob_connection_string: str):
         self.root = root
         self.processes = processes
         self.url = f"http://127.0.0.1:{port}"
         self.api_url = f"{self.url}/api"
         self.oliveflow_home = root / "oliveflow"
         self.data_dir = root / "data"  # "the data location" the deployments are configured with
+        self.artifact_store, self.result_storage = ARTIFACT_STORE, RESULT_STORAGE
         self.deployment_ids: dict[str, str] = {}
         self.default_params: dict[str, Any] = {}
         self.timings: dict[str, float] = {}
@@ -131,6 +134,11 @@ class Stack:
                     "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2",
                     "PREFECT_CLI_WRAP_LINES": "false", "COLUMNS": "240",
                     "OLIVEFLOW_HOME": str(self.oliveflow_home), "OLIVE_DISABLE_TELEMETRY": "1",
+                    # What several hosts share: blob storage (Azurite) for the artifact store and Prefect's
+                    # results, one MLflow store, one lock folder (file locks: one machine).
+                    "AZURE_STORAGE_CONNECTION_STRING": blob_connection_string,
+                    "MLFLOW_TRACKING_URI": f"sqlite:///{self.oliveflow_home / 'mlflow' / 'mlflow.db'}",
+                    "OLIVEFLOW_LOCK_DIR": str(self.oliveflow_home / "locks"),
                     "HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"}
 
     def run(self, *argv: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
@@ -140,11 +148,22 @@ class Stack:
                         f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
         return done
 
-    def start_worker(self, pool: str, name: str, limit: int | None = None) -> subprocess.Popen:
+    def start_worker(self, pool: str, name: str, limit: int | None = None,
+                     env: dict[str, str] | None = None) -> subprocess.Popen:
         argv = [PREFECT, "worker", "start", "--pool", pool, "--name", name, "--type", "process"]
         if limit:
             argv += ["--limit", str(limit)]
-        return self.processes.start(name, argv, self.env)
+        return self.processes.start(name, argv, {**self.env, **(env or {})})
+
+    def store(self):
+        """The shared artifact store as one more host sees it (its copy under the stack's folder)."""
+        from unittest import mock
+
+        from oliveflow.store import ArtifactStore
+
+        with mock.patch.dict(os.environ, {"AZURE_STORAGE_CONNECTION_STRING":
+                                          self.env["AZURE_STORAGE_CONNECTION_STRING"]}):
+            return ArtifactStore(self.artifact_store, cache_dir=self.root / "test-copy")
 
     @contextlib.contextmanager
     def client(self) -> Iterator[Any]:
@@ -157,10 +176,7 @@ class Stack:
                 yield client
 
     def params(self, **changes: Any) -> dict[str, Any]:
-        """The deployments' default `params` with changes (``finetune__max_steps=3`` sets finetune.max_steps).
-
-        A run's `params` replaces the deployment's as a whole, so runs pass the defaults plus their changes.
-        """
+        """The deployments' default `params` with changes (``finetune__max_steps=3`` sets finetune.max_steps)."""
         merged = json.loads(json.dumps(self.default_params))
         for dotted_key, value in changes.items():
             *parents, leaf = dotted_key.split("__")
@@ -287,13 +303,13 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, tiny_model_dir) -> Iterator[Stack]:
+def stack(tmp_path_factory, tiny_model_dir, azurite_http) -> Iterator[Stack]:
     """Server up, pools + limits + deployments created by `python -m deployments.deploy`, no workers yet."""
     root = tmp_path_factory.mktemp("deploy")
     logs = root / "logs"
     logs.mkdir()
     processes = Processes(logs)
-    stack = Stack(root, processes, free_port())
+    stack = Stack(root, processes, free_port(), azurite_http.connection_string)
     stack.data_dir.mkdir()
     for name in ("travel_train.jsonl", "travel_eval.jsonl"):
         shutil.copy(REPO / "data" / name, stack.data_dir / name)
@@ -309,6 +325,7 @@ def stack(tmp_path_factory, tiny_model_dir) -> Iterator[Stack]:
         done = stack.run(sys.executable, "-m", "deployments.deploy",
                          "--train-data", str(stack.data_dir / "travel_train.jsonl"),
                          "--eval-data", str(stack.data_dir / "travel_eval.jsonl"),
+                         "--artifact-store", ARTIFACT_STORE, "--result-storage", RESULT_STORAGE,
                          *[arg for item in dotted(defaults) for arg in ("--param", item)])
         stack.timings["deploy_s"] = round(time.monotonic() - started, 1)
         for line in done.stdout.splitlines():

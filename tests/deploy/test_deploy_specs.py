@@ -92,3 +92,24 @@ def test_deploy_needs_a_server_url(tmp_path):
     done = subprocess.run([sys.executable, "-m", "deployments.deploy"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "PREFECT_API_URL" in done.stderr
+
+
+def test_shared_storage_options_reach_every_deployment():
+    plan = dry_run("--artifact-store", "az://models/team", "--result-storage", "az://prefect-results/oliveflow")
+    for deployment in plan["deployments"]:
+        assert deployment["parameters"]["params"]["artifact_store"] == "az://models/team"
+        env = deployment["job_variables"]["env"]
+        assert env["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] == "azure-blob-storage-container/oliveflow-results"
+    plain = dry_run()
+    assert all("PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK" not in d["job_variables"]["env"] for d in plain["deployments"])
+
+
+def test_bad_result_storage_and_missing_credentials_are_one_line_errors(monkeypatch):
+    from deployments.deploy import save_result_storage
+
+    monkeypatch.delenv("AZURE_STORAGE_CONNECTION_STRING", raising=False)
+    monkeypatch.delenv("AZURE_STORAGE_ACCOUNT_NAME", raising=False)
+    with pytest.raises(SystemExit, match=r"is not az://container\[/folder\]"):
+        save_result_storage("s3://bucket/x")
+    with pytest.raises(SystemExit, match="needs AZURE_STORAGE_CONNECTION_STRING or AZURE_STORAGE_ACCOUNT_NAME"):
+        save_result_storage("az://prefect-results")

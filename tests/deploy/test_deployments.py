@@ -18,7 +18,10 @@ from uuid import UUID
 
 import pytest
 
+from azure.storage.blob import BlobServiceClient
+
 from oliveflow.config import PipelineParams
+from oliveflow.hashing import tree_sha256
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 HEAVY = ("quantize", "finetune", "export", "smoke_test")
@@ -32,8 +35,8 @@ def training_args(stack, flow_run_id: str) -> dict:
     """The training arguments in the Olive config the run's finetune stage ran, found through its task run."""
     # The task's persisted result record is stored under its cache key: the stage's artifact store key.
     key = Path(stack.task_runs(flow_run_id)["finetune"].state.data.storage_key).name
-    store = stack.oliveflow_home / "artifacts" / "finetune" / key
-    config = json.loads((store / "olive_config.json").read_text())
+    found = stack.store().lookup("finetune", key)  # from Azurite, into the test's own copy
+    config = json.loads((found.path / "olive_config.json").read_text())
     return config["passes"]["finetune"]["training_args"]
 
 
@@ -68,7 +71,8 @@ def test_invalid_parameters_are_refused_by_the_server(stack):
 @pytest.fixture(scope="module")
 def cli_run(stack, gpu_workers, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli-out") / "model"
-    params = stack.params(finetune__max_steps=3, output_dir=str(out))
+    # Only what this run changes: the flow lays it over the deployment's defaults field by field.
+    params = {"finetune": {"max_steps": 3}, "output_dir": str(out)}
     started = time.monotonic()
     done = stack.run(stack.prefect, "deployment", "run", f"{FLOW}/gpu-0", "--param", f"params={json.dumps(params)}",
                      "--watch", "--watch-interval", "2", "--watch-timeout", "800", timeout=840)
@@ -95,6 +99,10 @@ def test_cli_run_completes_with_its_parameters(stack, cli_run):
     (tracked,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                     filter_string=f"tags.flow_run_id = '{cli_run['id']}'")
     assert tracked.data.params["finetune.max_steps"] == "3"
+    # Everything the run did not set came from the deployment, not from the flow's own defaults.
+    for name, value in {"finetune.batch_size": "2", "smoke_test.num_samples": "1", "artifact_store": stack.artifact_store,
+                        "data.train_path": str(stack.data_dir / "travel_train.jsonl")}.items():
+        assert tracked.data.params[name] == value, name
     assert tracked.data.tags["content_sha256"] and "size.reduction" in tracked.data.metrics
     # 3 LoRA steps leave the answers empty or short; whatever the gate decided, it is in the registry or said.
     versions = client.search_model_versions("name = 'oliveflow-model'")
@@ -196,23 +204,26 @@ class FormDescriptions:
 
 # ---- scale-out: two workers, one cache ----
 
-@pytest.fixture(scope="module")
-def twin_runs(stack, cli_run):
-    """Two runs with identical inputs (the deployments' defaults) submitted together to two CPU workers."""
-    workers = [stack.start_worker("oliveflow-cpu", f"cpu-worker-{i}", limit=1) for i in (1, 2)]
+def _twins(stack, hosts: tuple[str, str], env: dict[str, dict[str, str]], params: dict) -> tuple[list, list]:
+    """Two runs with identical inputs submitted together to two CPU workers standing for two hosts.
+
+    Each worker has its own OLIVEFLOW_HOME (its local copy of the store); they share Azurite (artifacts and
+    Prefect results) and the MLflow store, plus whatever ``env`` gives each.
+    """
+    workers = [stack.start_worker("oliveflow-cpu", f"cpu-worker-{h}", limit=1,
+                                  env={"OLIVEFLOW_HOME": str(stack.root / h), **env.get(h, {})}) for h in hosts]
     try:
-        ids = [stack.submit("cpu", stack.default_params) for _ in range(2)]
+        ids = [stack.submit("cpu", params) for _ in range(2)]
         runs = [stack.wait(i) for i in ids]
     finally:
         stack.processes.stop(*workers)
     return ids, runs
 
 
-def test_two_workers_compute_each_stage_once(stack, twin_runs):
-    ids, runs = twin_runs
+def _check_each_stage_computed_once(stack, hosts: tuple[str, str], ids: list, runs: list):
     assert all(r.state.is_completed() for r in runs), [r.state for r in runs]
     # One run per worker: a flow-run process writes its run's URL into the log of the worker that started it.
-    logs = [stack.processes.log(f"cpu-worker-{i}") for i in (1, 2)]
+    logs = [stack.processes.log(f"cpu-worker-{h}") for h in hosts]
     ran = [{i for i in ids if f"/runs/flow-run/{i}" in log} for log in logs]
     assert sorted(map(len, ran)) == [1, 1] and ran[0] != ran[1], f"one worker ran both: {ran}"
     caches = [stack.stage_caches(i) for i in ids]
@@ -222,16 +233,39 @@ def test_two_workers_compute_each_stage_once(stack, twin_runs):
         assert pair in (["hit", "miss"], ["hit", "hit"]), (stage, caches)  # never computed twice
         for t in (t[task] for t in tasks):
             assert t.state.is_completed()
-    # finetune's key (the deployments' default steps) is new here: exactly one run computed it, and the
-    # other was served from the cache (state "Cached") after waiting for the first one's lock.
+    # finetune's key is new here: exactly one run computed it, and the other was served from the cache
+    # (state "Cached") after waiting for the first one's lock.
     assert sorted(c["finetune"] for c in caches) == ["hit", "miss"]
     miss = 0 if caches[0]["finetune"] == "miss" else 1
     computed, waited = tasks[miss]["finetune"], tasks[1 - miss]["finetune"]
     assert waited.state.name == "Cached" and computed.state.name == "Completed"
     assert waited.start_time < computed.end_time <= waited.end_time, "the second run did not wait for the lock"
-    # Both runs hand out the same model.
-    a, b = (stack.summary(i) for i in ids)
-    assert re.search(r"Model folder: `(.+?)`", a).group(1) == re.search(r"Model folder: `(.+?)`", b).group(1)
+    # Both runs hand out the same model, each from its own host's copy of the shared store.
+    folders = [Path(re.search(r"Model folder: `(.+?)`", stack.summary(i)).group(1)) for i in ids]
+    assert sorted(f.relative_to(stack.root).parts[0] for f in folders) == sorted(hosts), folders
+    assert tree_sha256(folders[0]) == tree_sha256(folders[1])
+    # What the hosts shared lives in Azurite: every stage's artifact under its key, and Prefect's records.
+    blobs = BlobServiceClient.from_connection_string(stack.env["AZURE_STORAGE_CONNECTION_STRING"])
+    container, prefix = stack.artifact_store.removeprefix("az://").split("/", 1)
+    keys = {b.name.split("/")[1] + "/" + b.name.split("/")[2]
+            for b in blobs.get_container_client(container).list_blobs(name_starts_with=prefix)
+            if b.name.endswith("/oliveflow-manifest.json")}
+    finetune_key = Path(computed.state.data.storage_key).name
+    assert f"finetune/{finetune_key}" in keys, keys
+    container, prefix = stack.result_storage.removeprefix("az://").split("/", 1)
+    records = [b.name for b in blobs.get_container_client(container).list_blobs(name_starts_with=prefix)]
+    assert f"{prefix}/{finetune_key}" in records, (finetune_key, records[:5])
+
+
+@pytest.fixture(scope="module")
+def twin_runs(stack, cli_run):
+    """Two "hosts" on one machine sharing the lock folder: file locks (the deployments' defaults as inputs)."""
+    hosts = ("host-1", "host-2")
+    return hosts, *_twins(stack, hosts, {}, stack.default_params)
+
+
+def test_two_workers_compute_each_stage_once(stack, twin_runs):
+    _check_each_stage_computed_once(stack, *twin_runs)
     assert not list((stack.oliveflow_home / "locks").glob("*.lock")), "a lock outlived its run"
 
 
@@ -280,3 +314,26 @@ def test_retraining_changed_data_reruns_the_heavy_stages(stack, gpu_workers, twi
     (tracked,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                     filter_string=f"tags.flow_run_id = '{flow_run_id}'")
     assert tracked.data.tags["stage.finetune.cache"] == "miss"
+
+
+# ---- scale-out across hosts: leased Redis locks, nothing shared on the local disk ----
+
+def test_two_hosts_with_redis_locks_compute_each_stage_once(stack, twin_runs, redis_server):
+    """As on two machines: separate homes *and* lock folders; the lock is the Redis server (OLIVEFLOW_LOCK_URL)."""
+    import redis
+
+    hosts = ("host-r1", "host-r2")
+    env = {h: {"OLIVEFLOW_LOCK_URL": redis_server.url, "OLIVEFLOW_LOCK_DIR": str(stack.root / h / "locks")}
+           for h in hosts}
+    server = redis.Redis.from_url(redis_server.url)
+
+    def lock_sets() -> int:  # locks are taken with SET NX PX
+        return server.info("commandstats").get("cmdstat_set", {}).get("calls", 0)
+
+    before = lock_sets()
+    # New finetune/export/smoke keys (one LoRA step), so one host computes them while the other waits.
+    ids, runs = _twins(stack, hosts, env, stack.params(finetune__max_steps=1))
+    _check_each_stage_computed_once(stack, hosts, ids, runs)
+    assert lock_sets() - before >= 2 * len(HEAVY), "the runs did not lock through Redis"
+    assert server.keys("lock:*") == [], "a lock outlived its run"
+

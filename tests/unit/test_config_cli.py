@@ -50,6 +50,9 @@ def test_group_size_must_be_power_of_two():
     (["--model", "/no/such/model"], "model path /no/such/model does not exist"),
     (["--param", "quantize.algorithm=int3"], "invalid parameter quantize.algorithm: Input should be 'awq', 'rtn' or"),
     (["--template", "no fields"], "invalid parameter data.template"),
+    (["--param", "artifact_store=nope://x"], "unknown protocol 'nope'"),
+    # s3fs is not installed here: a known protocol whose package is missing says what to install.
+    (["--param", "artifact_store=s3://bucket/store"], "artifact store s3://bucket/store: Install s3fs"),
 ])
 def test_cli_bad_input_is_one_line_and_nonzero(argv, message):
     done = subprocess.run([sys.executable, "-m", "oliveflow.cli", "run", *argv], capture_output=True, text=True,
@@ -71,3 +74,19 @@ def test_retry_only_transient_errors():
     assert _transient(None, None, failed(ConnectionError("reset"))) is True
     assert _transient(None, None, failed(StageError("no output model"))) is False
     assert _transient(None, None, failed(InputError("bad line"))) is False
+
+
+def test_a_runs_changes_overlay_its_deployments_defaults_at_every_depth():
+    from oliveflow.config import overlay
+
+    deployment = PipelineParams(data={"train_path": "/data/week.jsonl", "eval_path": None},
+                                finetune={"max_steps": 7, "batch_size": 2}).model_dump(mode="json",
+                                                                                      exclude_unset=True)
+    run = PipelineParams.model_validate({"finetune": {"max_steps": 3}, "smoke_test": {"num_samples": 0}})
+    merged = overlay(deployment, run)
+    assert merged.finetune.max_steps == 3 and merged.finetune.batch_size == 2, "the run's step count, the rest kept"
+    assert str(merged.data.train_path) == "/data/week.jsonl" and merged.data.eval_path is None
+    assert merged.smoke_test.num_samples == 0
+    assert overlay({}, run) is run
+    # A value the run sets explicitly wins even when it equals the flow's own default.
+    assert overlay(deployment, PipelineParams.model_validate({"finetune": {"max_steps": 100}})).finetune.max_steps == 100
