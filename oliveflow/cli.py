@@ -156,8 +156,9 @@ def _parser() -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", help="Hugging Face id, local model folder, or embedded:tiny-phi3 (default)")
-        p.add_argument("--data", type=Path, help="training JSONL (default: the bundled travel set)")
-        p.add_argument("--eval-data", type=Path, help="held-out JSONL")
+        p.add_argument("--data", help="training JSONL: a path, or a URL such as az://container/train.jsonl "
+                                      "(default: the bundled travel set)")
+        p.add_argument("--eval-data", help="held-out JSONL: a path or a URL")
         p.add_argument("--template", help="text template with {field} placeholders")
         p.add_argument("--quantize", choices=["rtn", "gptq", "awq"], help="quantization algorithm")
         p.add_argument("--max-steps", type=int, help="LoRA optimizer steps")

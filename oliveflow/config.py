@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 import string
-from pathlib import Path
-from typing import Literal
+from pathlib import Path, PurePath
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from oliveflow.errors import InputError
 from oliveflow.registry import RegistryConfig
@@ -43,11 +43,17 @@ def template_fields(template: str) -> list[str]:
     return names
 
 
+# A file's location: a local path, or an fsspec URL (az://container/train.jsonl) that every run reads afresh.
+Location = Annotated[str, BeforeValidator(lambda value: str(value) if isinstance(value, PurePath) else value)]
+
+
 class DataConfig(_Config):
-    train_path: Path = Field(REPO_ROOT / "data" / "travel_train.jsonl",
-                             description="JSONL file of training examples, one JSON object per line.")
-    eval_path: Path | None = Field(REPO_ROOT / "data" / "travel_eval.jsonl",
-                                   description="Held-out JSONL file (same fields) for eval loss and sample prompts.")
+    train_path: Location = Field(str(REPO_ROOT / "data" / "travel_train.jsonl"),
+                                 description="JSONL file of training examples, one JSON object per line: a path, or "
+                                             "a URL on shared storage such as az://container/train.jsonl.")
+    eval_path: Location | None = Field(str(REPO_ROOT / "data" / "travel_eval.jsonl"),
+                                       description="Held-out JSONL file (same fields) for eval loss and sample "
+                                                   "prompts: a path or a URL.")
     template: str = Field(DEFAULT_TEMPLATE,
                           description="Text template applied to each example; {field} placeholders name JSON fields. "
                                       "The part before the last placeholder is the prompt used for sample answers.")

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import statistics
+import tempfile
 from pathlib import Path
 
 from oliveflow.config import DataConfig, template_fields
 from oliveflow.errors import InputError
 from oliveflow.hashing import file_sha256
 from oliveflow.results import DataReport
+from oliveflow.store import is_url
 
 
-def read_examples(path: Path, fields: list[str]) -> list[dict]:
-    """Parse a JSONL file; raise InputError naming the file, line and fix on the first bad line."""
-    path = Path(path)
-    if not path.is_file():
+def read_examples(path: Path, fields: list[str], shown: str | Path | None = None) -> list[dict]:
+    """Parse a JSONL file; raise InputError naming the file (as ``shown``, e.g. its URL), line and fix on the first
+    bad line."""
+    read_from = Path(path)
+    path = shown or read_from
+    if not read_from.is_file():
         raise InputError(f"data file {path} does not exist; pass an existing JSONL file (--data / data.train_path)")
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(read_from, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -51,19 +57,54 @@ def prompt_and_reference(template: str, row: dict) -> tuple[str, str]:
     return render(head, row), str(row[last])
 
 
+def local_data_file(location: str) -> Path:
+    """The data file at ``location`` on this host: the path itself, or a fresh download of a URL.
+
+    A URL is fetched on every call (a scheduled run must read the current data) into
+    ``$OLIVEFLOW_HOME/data-cache/`` through a temp file and a rename; its content hash keys the stages.
+    """
+    if not is_url(location):
+        return Path(location.removeprefix("file://")).expanduser().resolve()
+    import fsspec
+
+    from oliveflow.config import oliveflow_home
+
+    folder = oliveflow_home() / "data-cache" / hashlib.sha256(location.encode()).hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / (location.rstrip("/").rsplit("/", 1)[-1] or "data.jsonl")
+    try:
+        fs, path = fsspec.core.url_to_fs(location)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".get-", delete=False) as tmp:
+            pass
+        try:
+            fs.get_file(path, tmp.name)
+            os.replace(tmp.name, target)
+        finally:
+            Path(tmp.name).unlink(missing_ok=True)
+    except FileNotFoundError:
+        raise InputError(f"data file {location} does not exist; pass an existing JSONL file "
+                         "(--data / data.train_path)") from None
+    except ImportError as exc:
+        raise InputError(f"data file {location}: {exc}; install the package for its protocol (az:// needs "
+                         "adlfs: pip install 'oliveflow[scale-out]')") from None
+    return target
+
+
 def validate_data(config: DataConfig, tokenizer=None) -> DataReport:
     """Check the data files against the template; report sizes (token lengths when a tokenizer is given)."""
     fields = template_fields(config.template)
-    train = read_examples(config.train_path, fields)
-    evals = read_examples(config.eval_path, fields) if config.eval_path else []
+    train_path = local_data_file(config.train_path)
+    eval_path = local_data_file(config.eval_path) if config.eval_path else None
+    train = read_examples(train_path, fields, shown=config.train_path)
+    evals = read_examples(eval_path, fields, shown=config.eval_path) if eval_path else []
     texts = [render(config.template, row) for row in train]
     lengths = [len(t) for t in texts]
     tokens = [len(tokenizer(t)["input_ids"]) for t in texts] if tokenizer is not None else None
     return DataReport(
-        train_path=Path(config.train_path).resolve(),
-        eval_path=Path(config.eval_path).resolve() if config.eval_path else None,
-        train_sha256=file_sha256(config.train_path),
-        eval_sha256=file_sha256(config.eval_path) if config.eval_path else None,
+        train_path=train_path,
+        eval_path=eval_path,
+        train_sha256=file_sha256(train_path),
+        eval_sha256=file_sha256(eval_path) if eval_path else None,
         fields=fields,
         rows=len(train),
         eval_rows=len(evals),

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -121,7 +120,8 @@ class Stack:
         self.url = f"http://127.0.0.1:{port}"
         self.api_url = f"{self.url}/api"
         self.oliveflow_home = root / "oliveflow"
-        self.data_dir = root / "data"  # "the data location" the deployments are configured with
+        # "The data location" the deployments are configured with: a container on the shared blob storage.
+        self.data_url = "az://oliveflow-data/travel"
         self.artifact_store, self.result_storage = ARTIFACT_STORE, RESULT_STORAGE
         self.deployment_ids: dict[str, str] = {}
         self.default_params: dict[str, Any] = {}
@@ -154,6 +154,16 @@ class Stack:
         if limit:
             argv += ["--limit", str(limit)]
         return self.processes.start(name, argv, {**self.env, **(env or {})})
+
+    def put_data(self, name: str, data: bytes) -> None:
+        """Write a data file at the data location (what the team's data pipeline does each week)."""
+        from azure.storage.blob import BlobServiceClient
+
+        container, prefix = self.data_url.removeprefix("az://").split("/", 1)
+        service = BlobServiceClient.from_connection_string(self.env["AZURE_STORAGE_CONNECTION_STRING"])
+        if not service.get_container_client(container).exists():
+            service.create_container(container)
+        service.get_blob_client(container, f"{prefix}/{name}").upload_blob(data, overwrite=True)
 
     def store(self):
         """The shared artifact store as one more host sees it (its copy under the stack's folder)."""
@@ -310,9 +320,8 @@ def stack(tmp_path_factory, tiny_model_dir, azurite_http) -> Iterator[Stack]:
     logs.mkdir()
     processes = Processes(logs)
     stack = Stack(root, processes, free_port(), azurite_http.connection_string)
-    stack.data_dir.mkdir()
     for name in ("travel_train.jsonl", "travel_eval.jsonl"):
-        shutil.copy(REPO / "data" / name, stack.data_dir / name)
+        stack.put_data(name, (REPO / "data" / name).read_bytes())
     try:
         started = time.monotonic()
         server = processes.start("server", [PREFECT, "server", "start", "--host", "127.0.0.1",
@@ -323,8 +332,8 @@ def stack(tmp_path_factory, tiny_model_dir, azurite_http) -> Iterator[Stack]:
         defaults = {"model": str(tiny_model_dir), **FAST}
         started = time.monotonic()
         done = stack.run(sys.executable, "-m", "deployments.deploy",
-                         "--train-data", str(stack.data_dir / "travel_train.jsonl"),
-                         "--eval-data", str(stack.data_dir / "travel_eval.jsonl"),
+                         "--train-data", f"{stack.data_url}/travel_train.jsonl",
+                         "--eval-data", f"{stack.data_url}/travel_eval.jsonl",
                          "--artifact-store", ARTIFACT_STORE, "--result-storage", RESULT_STORAGE,
                          *[arg for item in dotted(defaults) for arg in ("--param", item)])
         stack.timings["deploy_s"] = round(time.monotonic() - started, 1)

@@ -25,6 +25,7 @@ from oliveflow.hashing import tree_sha256
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 HEAVY = ("quantize", "finetune", "export", "smoke_test")
+REPO = Path(__file__).resolve().parents[2]
 FLOW = "oliveflow-pipeline"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -101,7 +102,7 @@ def test_cli_run_completes_with_its_parameters(stack, cli_run):
     assert tracked.data.params["finetune.max_steps"] == "3"
     # Everything the run did not set came from the deployment, not from the flow's own defaults.
     for name, value in {"finetune.batch_size": "2", "smoke_test.num_samples": "1", "artifact_store": stack.artifact_store,
-                        "data.train_path": str(stack.data_dir / "travel_train.jsonl")}.items():
+                        "data.train_path": f"{stack.data_url}/travel_train.jsonl"}.items():
         assert tracked.data.params[name] == value, name
     assert tracked.data.tags["content_sha256"] and "size.reduction" in tracked.data.metrics
     # 3 LoRA steps leave the answers empty or short; whatever the gate decided, it is in the registry or said.
@@ -276,7 +277,7 @@ def test_retraining_unchanged_data_hits_and_gpu_runs_queue(stack, gpu_workers, t
     with stack.client() as client:
         weekly = client.read_deployment(UUID(stack.deployment_ids["retrain-weekly"]))
     assert [(s.schedule.cron, s.active) for s in weekly.schedules] == [("0 3 * * 1", True)]
-    assert weekly.parameters["params"]["data"]["train_path"] == str(stack.data_dir / "travel_train.jsonl")
+    assert weekly.parameters["params"]["data"]["train_path"] == f"{stack.data_url}/travel_train.jsonl"
 
     upcoming = stack.make_scheduled_run_due("retrain-weekly")
     assert upcoming.expected_start_time.weekday() == 0 and upcoming.expected_start_time.hour == 3  # Monday 03:00
@@ -293,15 +294,14 @@ def test_retraining_unchanged_data_hits_and_gpu_runs_queue(stack, gpu_workers, t
 
 
 def test_retraining_changed_data_reruns_the_heavy_stages(stack, gpu_workers, twin_runs):
-    train = stack.data_dir / "travel_train.jsonl"
-    original = train.read_text()
+    original = (REPO / "data" / "travel_train.jsonl").read_text()
     lines = original.splitlines()
     try:
-        train.write_text("\n".join(lines[:-1]) + "\n")  # this week's data: one example fewer
+        stack.put_data("travel_train.jsonl", ("\n".join(lines[:-1]) + "\n").encode())  # this week's: one fewer
         flow_run_id = str(stack.make_scheduled_run_due("retrain-weekly").id)
         run = stack.wait(flow_run_id)
     finally:
-        train.write_text(original)
+        stack.put_data("travel_train.jsonl", original.encode())
     assert run.state.is_completed(), run.state
     assert run.parameters["params"] == stack.default_params  # the deployment's, as a scheduled run gets them
     # Everything downstream of the data re-runs; quantize too when its algorithm calibrates on the data.

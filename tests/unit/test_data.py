@@ -83,3 +83,28 @@ def test_other_schema_through_the_template(tmp_path):
 def test_bundled_dataset_is_valid():
     report = validate_data(DataConfig())
     assert report.rows >= 300 and report.eval_rows >= 40
+
+
+def test_data_location_can_be_a_url_read_afresh_each_time(tmp_path):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    url = f"memory://{tmp_path.name}/week/train.jsonl"
+    fs.pipe_file(url, "".join(line + "\n" for line in rows(20)).encode())
+    first = validate_data(DataConfig(train_path=url, eval_path=None))
+    assert first.rows == 20 and first.train_path.is_file() and first.train_path.name == "train.jsonl"
+    fs.pipe_file(url, "".join(line + "\n" for line in rows(19)).encode())  # next week's data
+    second = validate_data(DataConfig(train_path=url, eval_path=None))
+    assert second.rows == 19 and second.train_sha256 != first.train_sha256
+    assert not list(second.train_path.parent.glob(".get-*")), "a temp download was left behind"
+
+
+def test_data_url_errors_name_the_url(tmp_path):
+    import fsspec
+
+    url = f"memory://{tmp_path.name}/bad.jsonl"
+    with pytest.raises(InputError, match=r"data file memory://.*/missing.jsonl does not exist"):
+        validate_data(DataConfig(train_path=url.replace("bad", "missing"), eval_path=None))
+    fsspec.filesystem("memory").pipe_file(url, b'{"prompt": "a", "response": "b"}\nnot json\n')
+    with pytest.raises(InputError, match=rf"{url}:2: not valid JSON"):
+        validate_data(DataConfig(train_path=url, eval_path=None))
