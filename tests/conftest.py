@@ -61,24 +61,18 @@ def _fresh(path: Path) -> Path:
 @pytest.fixture(scope="session")
 def azurite_http(tmp_path_factory):
     """Azurite's blob service over plain http for the shared-storage tests, stopped by pid at the end."""
-    from services import Azurite, azurite_binary, require
+    from services import Azurite, azurite_binary, require, running
 
     binary = require(azurite_binary(), "Azurite not installed: run .ci/install-azurite.sh (npm install azurite "
                      "into $OLIVEFLOW_AZURITE_DIR, default ~/.cache/oliveflow-azurite)", ci_must_have=True)
-    with Azurite(binary, tmp_path_factory.mktemp("azurite-http")) as azurite:
-        yield azurite
-    with pytest.raises(ProcessLookupError):
-        os.kill(azurite.pid, 0)
+    yield from running(Azurite(binary, tmp_path_factory.mktemp("azurite-http")))
 
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     """A real redis-server for the cross-host lock tests (Debian package redis-server, .ci/install-redis.sh)."""
-    from services import Redis, redis_binary, require
+    from services import Redis, redis_binary, require, running
 
     binary = require(redis_binary(), "redis-server not installed: run .ci/install-redis.sh (apt-get install "
                      "redis-server)", ci_must_have=False)
-    with Redis(binary, tmp_path_factory.mktemp("redis")) as redis:
-        yield redis
-    with pytest.raises(ProcessLookupError):
-        os.kill(redis.pid, 0)
+    yield from running(Redis(binary, tmp_path_factory.mktemp("redis")))

@@ -37,6 +37,14 @@ def require(binary: Path | None, reason: str, ci_must_have: bool) -> Path:
     pytest.skip(reason)
 
 
+def running(service: _Service):
+    """Yield the started service; afterwards check it is gone, not orphaned (for session fixtures)."""
+    with service:
+        yield service
+    with pytest.raises(ProcessLookupError):
+        os.kill(service.pid, 0)
+
+
 def azurite_binary() -> Path | None:
     """azurite-blob from $OLIVEFLOW_AZURITE_DIR (what .ci/install-azurite.sh fills) or PATH."""
     prefix = Path(os.environ.get("OLIVEFLOW_AZURITE_DIR", Path.home() / ".cache" / "oliveflow-azurite"))
@@ -101,8 +109,9 @@ class Azurite(_Service):
 
     def __init__(self, binary: Path, workdir: Path, tls=None):
         super().__init__(workdir)
+        self.data_dir = workdir / "data"
         self._command = [str(binary), "--blobHost", "127.0.0.1", "--blobPort", str(self.port),
-                         "--location", str(workdir / "data"), "--skipApiVersionCheck", "--loose", "--silent"]
+                         "--location", str(self.data_dir), "--skipApiVersionCheck", "--loose", "--silent"]
         if tls is not None:
             self._command += ["--cert", str(tls.cert), "--key", str(tls.key)]
             self.account_url = f"https://{ACCOUNT}.blob.{STORAGE_SUFFIX}:{self.port}"

@@ -20,12 +20,9 @@ import contextlib
 import datetime as dt
 import ipaddress
 import json
-import os
 import re
-import shutil
 import socket
 import ssl
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -34,7 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from services import ACCOUNT, STORAGE_SUFFIX
+from services import ACCOUNT, ACCOUNT_KEY, STORAGE_SUFFIX
 
 BLOB_CONTAINER = "azureml-blobstore-standin"
 
