@@ -166,12 +166,12 @@ def run_cached(task_fn, store: ArtifactStore, stage: str, key: str, **kwargs: An
     Returns the result and how it was served: "hit" (Prefect record or intact store
     artifact, no computation) or "miss".
     """
+    started = time.perf_counter()  # the stage's time includes checking (and for a URL store, fetching) its artifact
     intact = store.lookup(stage, key) is not None
     # Force a recompute only when Prefect holds a record whose artifact is gone or altered. With no record,
     # the SERIALIZABLE transaction decides: a run that waited for another process computing the same key
     # gets that process's record (state "Cached") instead of computing the stage again.
     refresh = not intact and _has_record(task_fn, key)
-    started = time.perf_counter()
     state = task_fn.with_options(refresh_cache=refresh)(key=key, store_url=store.location, return_state=True,
                                                         **kwargs)
     result = state.result()
