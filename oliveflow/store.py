@@ -6,9 +6,11 @@ place, so a reader never sees half an artifact and a failed stage leaves nothing
 
 With a URL (``az://container/prefix`` through adlfs, or any fsspec protocol installed), the
 objects under the URL are the store and each host keeps a local copy to run Olive on
-(``$OLIVEFLOW_HOME/store-cache/<hash of the URL>/``). An artifact is uploaded file by file with
-its manifest last: the manifest is the commit marker, so an upload cut short is never served.
-Downloads are checked against the manifest's hash before they are renamed into the local copy.
+(``$OLIVEFLOW_HOME/store-cache/<hash of the URL>/``). Remotely an artifact is
+``<stage>/<key>/files-<content hash>/...`` plus ``<stage>/<key>/oliveflow-manifest.json``, uploaded
+last: the manifest commits one complete file set, so an upload cut short is never served and two
+hosts writing the same key never mix their files. Downloads are checked against the manifest's
+hash before they are renamed into the local copy.
 """
 
 from __future__ import annotations
@@ -116,22 +118,30 @@ class ArtifactStore:
         except (FileNotFoundError, ValueError):
             return None
 
+    def _remote_files(self, stage: str, key: str, sha256: str) -> str:
+        """Where one version of the artifact's files lives: named by its content, so writers never mix."""
+        return f"{self._remote_dir(stage, key)}/files-{sha256[:16]}"
+
     def _upload(self, stage: str, key: str) -> None:
-        folder, target = self.path(stage, key), self._remote_dir(stage, key)
+        folder = self.path(stage, key)
+        manifest = (folder / MANIFEST).read_bytes()
+        target = self._remote_files(stage, key, json.loads(manifest)["sha256"])
         started = time.perf_counter()
-        with contextlib.suppress(FileNotFoundError):
-            self.fs.rm(target, recursive=True)  # leftovers of an upload cut short
         with contextlib.suppress(FileExistsError):
             self.fs.mkdir(target, create_parents=True)  # creates the bucket/container on first use
-        files = tree_files(folder, exclude=frozenset({MANIFEST}))
-        for path in [*files, folder / MANIFEST]:  # the manifest last: it commits the artifact
+        for path in tree_files(folder, exclude=frozenset({MANIFEST})):
             rel = path.relative_to(folder).as_posix()
             self.fs.put_file(str(path), f"{target}/{rel}", callback=_bar(f"upload {stage}/{rel}", path.stat().st_size))
-        self.fs.invalidate_cache(target)
+        self._commit(stage, key, manifest)
         log.info("uploaded %s/%s to %s in %.1f s", stage, key[:12], self.location, time.perf_counter() - started)
 
+    def _commit(self, stage: str, key: str, manifest: bytes) -> None:
+        """Write the manifest, one small object put at once: from then on readers get this version's files."""
+        self.fs.pipe_file(f"{self._remote_dir(stage, key)}/{MANIFEST}", manifest)
+        self.fs.invalidate_cache(self._remote_dir(stage, key))
+
     def _download(self, stage: str, key: str, manifest: dict) -> Artifact | None:
-        source, final = self._remote_dir(stage, key), self.path(stage, key)
+        source, final = self._remote_files(stage, key, manifest["sha256"]), self.path(stage, key)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".get-{key[:12]}-", dir=final.parent))
         try:
@@ -140,10 +150,11 @@ class ArtifactStore:
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 self.fs.get_file(remote["name"], str(tmp / rel), callback=_bar(f"download {stage}/{rel}",
                                                                                 remote.get("size") or 0))
-            if tree_sha256(tmp, exclude=frozenset({MANIFEST})) != manifest.get("sha256"):
+            if tree_sha256(tmp) != manifest.get("sha256"):
                 log.warning("%s/%s on %s does not match its manifest; treating it as missing", stage, key[:12],
                             self.location)
                 return None
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
             _replace(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -77,11 +77,28 @@ def test_url_store_never_serves_an_upload_cut_short_or_altered(tmp_path):
     a, b = _hosts(f"memory://{tmp_path.name}/store", tmp_path)
     _write(a, "k", FILES)
     remote = f"{a._remote}/s/k"
-    a.fs.pipe_file(f"{remote}/model/model.onnx", b"tampered")
+    (files,) = a.fs.glob(f"{remote}/files-*")
+    a.fs.pipe_file(f"{files}/model/model.onnx", b"tampered")
     assert b.lookup("s", "k") is None, "a download that does not match its manifest must not be served"
     assert not (tmp_path / "host-b" / "s" / "k").exists() and not list((tmp_path / "host-b" / "s").glob(".get-*"))
     a.fs.rm(f"{remote}/{MANIFEST}")  # as if the upload died before its last file
     assert b.lookup("s", "k") is None
+
+
+def test_url_store_writer_cut_short_leaves_the_previous_version_served(tmp_path, monkeypatch):
+    """Two hosts computed the same key (no shared lock): the second dies before committing its different files."""
+    a, b = _hosts(f"memory://{tmp_path.name}/store", tmp_path)
+    _write(a, "k", FILES)
+
+    def die(*args):
+        raise ConnectionError("host b lost its network before committing")
+
+    monkeypatch.setattr(b, "_commit", die)
+    with pytest.raises(ConnectionError):
+        _write(b, "k", {**FILES, "model/model.onnx": b"another training run"})
+    reader = ArtifactStore(a.location, cache_dir=tmp_path / "host-c")
+    found = reader.lookup("s", "k")
+    assert found is not None and (found.path / "model" / "model.onnx").read_bytes() == FILES["model/model.onnx"]
 
 
 def test_url_store_republishes_what_only_this_host_has(tmp_path):
@@ -101,7 +118,8 @@ def test_url_store_on_azurite(tmp_path, azurite_http, monkeypatch):
     _write(a, "k", FILES)
     blobs = BlobServiceClient.from_connection_string(azurite_http.connection_string)
     names = sorted(x.name for x in blobs.get_container_client("oliveflow-store").list_blobs())
-    assert names == sorted([f"team-a/s/k/{p}" for p in FILES] + [f"team-a/s/k/{MANIFEST}"])
+    files = f"team-a/s/k/files-{a.lookup('s', 'k').sha256[:16]}"
+    assert names == sorted([f"{files}/{p}" for p in FILES] + [f"team-a/s/k/{MANIFEST}"])
     found = b.lookup("s", "k")
     assert found is not None and (found.path / "model" / "model.onnx").read_bytes() == FILES["model/model.onnx"]
 
