@@ -25,7 +25,8 @@ FLOW_NAME = "oliveflow-pipeline"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENTRYPOINT = "flows/pipeline.py:pipeline"
 GPU_LIMIT_ENV = "OLIVEFLOW_GPU_LIMIT"  # read by flows/pipeline.py: the global concurrency limit to hold
-RESULT_BLOCK = "azure-blob-storage-container/oliveflow-results"
+RESULT_BLOCK_NAME = "oliveflow-results"
+AZURE_PROTOCOLS = ("az", "abfs")
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,8 @@ class Site:
     params: dict[str, Any] = field(default_factory=dict)  # nested PipelineParams overrides for every deployment
     env: dict[str, str] = field(default_factory=dict)  # extra environment for every run (OLIVEFLOW_HOME, ...)
     # Prefect result storage every worker shares (the stages' cache records): az://container[/folder], kept
-    # in an AzureBlobStorageContainer block. None: each worker's local storage.
+    # in a prefect-azure AzureBlobStorageContainer block, or any other fsspec URL, kept in a RemoteFileSystem
+    # block. None: each worker's local storage.
     result_storage: str | None = None
 
 
@@ -117,7 +119,7 @@ def specs(site: Site) -> list[Spec]:
     data = (params.get("data") or {}).get("train_path", "the flow's default data")
     env = {"OLIVE_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1", **site.env}
     if site.result_storage:
-        env["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] = RESULT_BLOCK
+        env["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] = result_block(site.result_storage)
     shared = dict(parameters={"params": params}, tags=("oliveflow",))
 
     def pinned(gpu: str) -> dict[str, Any]:
@@ -152,43 +154,53 @@ def pools(site: Site) -> dict[str, str]:
     return out
 
 
-def save_result_storage(url: str) -> str:
-    """Create or update the result-storage block for ``az://container[/folder]`` (and the container).
+def result_block(url: str) -> str:
+    """The slug of the block that holds the result storage at ``url``."""
+    kind = "azure-blob-storage-container" if url.partition("://")[0] in AZURE_PROTOCOLS else "remote-file-system"
+    return f"{kind}/{RESULT_BLOCK_NAME}"
 
-    Credentials: ``$AZURE_STORAGE_CONNECTION_STRING`` when set (kept in the block as a secret), else the
-    account ``$AZURE_STORAGE_ACCOUNT_NAME`` with DefaultAzureCredential on each worker (no secret stored).
+
+def save_result_storage(url: str) -> str:
+    """Create or update the result-storage block for ``url``; return its slug.
+
+    ``az://container[/folder]``: a prefect-azure block (the container is created when missing). Credentials:
+    ``$AZURE_STORAGE_CONNECTION_STRING`` when set (kept in the block as a secret), else the account
+    ``$AZURE_STORAGE_ACCOUNT_NAME`` with DefaultAzureCredential on each worker (no secret stored). Any other
+    fsspec URL (s3://, gs://, a shared mount's file://...): Prefect's RemoteFileSystem block, whose credentials
+    come from each worker's environment as its fsspec package reads them.
     """
+    protocol, sep, path = url.partition("://")
+    if not sep or not path.strip("/"):
+        raise SystemExit(f"deploy: --result-storage {url!r} is not a URL; write e.g. az://container/folder")
+    if protocol not in AZURE_PROTOCOLS:
+        from prefect.filesystems import RemoteFileSystem
+
+        RemoteFileSystem(basepath=url).save(RESULT_BLOCK_NAME, overwrite=True)
+        return result_block(url)
+
     from azure.core.exceptions import ResourceExistsError
+    from azure.storage.blob import BlobServiceClient
     from prefect_azure import AzureBlobStorageContainer, AzureBlobStorageCredentials
 
-    protocol, _, path = url.partition("://")
     container, _, folder = path.partition("/")
-    if protocol not in ("az", "abfs") or not container:
-        raise SystemExit(f"deploy: --result-storage {url!r} is not az://container[/folder]")
     connection = os.environ.get("AZURE_STORAGE_CONNECTION_STRING")
     account = os.environ.get("AZURE_STORAGE_ACCOUNT_NAME")
     if connection:
         credentials = AzureBlobStorageCredentials(connection_string=connection)
-    elif account:
-        credentials = AzureBlobStorageCredentials(account_url=f"https://{account}.blob.core.windows.net")
-    else:
-        raise SystemExit("deploy: --result-storage needs AZURE_STORAGE_CONNECTION_STRING or "
-                         "AZURE_STORAGE_ACCOUNT_NAME in the environment")
-    if connection:
-        from azure.storage.blob import BlobServiceClient
-
         service = BlobServiceClient.from_connection_string(connection)
-    else:
+    elif account:
         from azure.identity import DefaultAzureCredential
-        from azure.storage.blob import BlobServiceClient
 
+        credentials = AzureBlobStorageCredentials(account_url=f"https://{account}.blob.core.windows.net")
         service = BlobServiceClient(credentials.account_url, credential=DefaultAzureCredential())
+    else:
+        raise SystemExit("deploy: --result-storage az://... needs AZURE_STORAGE_CONNECTION_STRING or "
+                         "AZURE_STORAGE_ACCOUNT_NAME in the environment")
     with contextlib.suppress(ResourceExistsError):
         service.create_container(container)
-    block = AzureBlobStorageContainer(container_name=container, credentials=credentials,
-                                      base_folder=folder.strip("/") or None)
-    block.save(RESULT_BLOCK.split("/", 1)[1], overwrite=True)
-    return RESULT_BLOCK
+    AzureBlobStorageContainer(container_name=container, credentials=credentials,
+                              base_folder=folder.strip("/") or None).save(RESULT_BLOCK_NAME, overwrite=True)
+    return result_block(url)
 
 
 def apply(site: Site) -> dict[str, str]:
@@ -257,8 +269,9 @@ def _parse(argv: list[str] | None) -> tuple[Site, argparse.Namespace]:
                    help="environment variable for every run, e.g. OLIVEFLOW_HOME=/shared/oliveflow (repeatable)")
     p.add_argument("--artifact-store", help="artifact store every worker shares: a folder on a shared mount or an "
                                             "fsspec URL such as az://container/prefix (sets artifact_store)")
-    p.add_argument("--result-storage", help="Prefect result storage every worker shares, az://container[/folder]: "
-                                            f"saved as block {RESULT_BLOCK!r}, used by every deployment")
+    p.add_argument("--result-storage", help="Prefect result storage every worker shares: az://container[/folder] "
+                                            "(prefect-azure block) or another fsspec URL (RemoteFileSystem block), "
+                                            f"saved as block {RESULT_BLOCK_NAME!r} and used by every deployment")
     p.add_argument("--dry-run", action="store_true", help="print pools, limits and deployments as JSON; no server")
     args = p.parse_args(argv)
 

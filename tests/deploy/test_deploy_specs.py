@@ -109,7 +109,10 @@ def test_bad_result_storage_and_missing_credentials_are_one_line_errors(monkeypa
 
     monkeypatch.delenv("AZURE_STORAGE_CONNECTION_STRING", raising=False)
     monkeypatch.delenv("AZURE_STORAGE_ACCOUNT_NAME", raising=False)
-    with pytest.raises(SystemExit, match=r"is not az://container\[/folder\]"):
-        save_result_storage("s3://bucket/x")
+    with pytest.raises(SystemExit, match=r"'prefect-results' is not a URL"):
+        save_result_storage("prefect-results")
     with pytest.raises(SystemExit, match="needs AZURE_STORAGE_CONNECTION_STRING or AZURE_STORAGE_ACCOUNT_NAME"):
         save_result_storage("az://prefect-results")
+    plan = dry_run("--result-storage", "s3://team-bucket/prefect")
+    assert {d["job_variables"]["env"]["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] for d in plan["deployments"]} == {
+        "remote-file-system/oliveflow-results"}
