@@ -12,6 +12,7 @@ from uuid import UUID
 from prefect import flow, get_client, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectNotFound
 from prefect.runtime import deployment
 
 from oliveflow.config import PipelineParams, overlay
@@ -40,11 +41,15 @@ def gpu_slot() -> contextlib.AbstractContextManager:
 
 
 def deployment_params() -> dict:
-    """The ``params`` of the deployment this run was made from; {} for a run with no deployment."""
+    """The ``params`` of the deployment this run was made from; {} for a run with no deployment (or one since
+    deleted: the run then has only its own)."""
     if deployment.id is None:
         return {}
     with get_client(sync_client=True) as client:
-        return client.read_deployment(UUID(deployment.id)).parameters.get("params") or {}
+        try:
+            return client.read_deployment(UUID(deployment.id)).parameters.get("params") or {}
+        except ObjectNotFound:
+            return {}
 
 
 @flow(name="oliveflow-pipeline")
