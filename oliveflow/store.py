@@ -43,25 +43,32 @@ def is_url(location: str | Path) -> bool:
     return "://" in str(location) and not str(location).startswith("file://")
 
 
+def url_filesystem(location: str, what: str):
+    """``(fsspec filesystem, path)`` for a URL; an InputError naming ``what`` when its protocol cannot be used."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(location)
+    except (ImportError, ValueError) as exc:
+        raise InputError(f"{what} {location}: {exc}; install the package for its protocol (az:// needs adlfs: "
+                         "pip install 'oliveflow[scale-out]')") from None
+
+
+def host_copies(kind: str, location: str) -> Path:
+    """This host's folder for copies of what lives at the URL ``location``: ``$OLIVEFLOW_HOME/<kind>/<url hash>``."""
+    from oliveflow.config import oliveflow_home
+
+    return oliveflow_home() / kind / hashlib.sha256(location.encode()).hexdigest()[:16]
+
+
 class ArtifactStore:
     """The store at ``location``: a local folder, or an fsspec URL mirrored into a local folder."""
 
     def __init__(self, location: str | Path, cache_dir: Path | None = None):
         if is_url(location):
-            import fsspec
-
             self.location = str(location).rstrip("/")
-            try:
-                self.fs, self._remote = fsspec.core.url_to_fs(self.location)
-            except (ImportError, ValueError) as exc:
-                raise InputError(f"artifact store {self.location}: {exc}; install the package for its protocol "
-                                 "(az:// needs adlfs: pip install 'oliveflow[scale-out]')") from None
-            if cache_dir is None:
-                from oliveflow.config import oliveflow_home
-
-                url_hash = hashlib.sha256(self.location.encode()).hexdigest()[:16]
-                cache_dir = oliveflow_home() / "store-cache" / url_hash
-            self.root = Path(cache_dir).expanduser().resolve()
+            self.fs, self._remote = url_filesystem(self.location, "artifact store")
+            self.root = Path(cache_dir or host_copies("store-cache", self.location)).expanduser().resolve()
         else:
             self.fs = None
             self.root = Path(str(location).removeprefix("file://")).expanduser().resolve()

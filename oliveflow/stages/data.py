@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import statistics
@@ -13,36 +12,36 @@ from oliveflow.config import DataConfig, template_fields
 from oliveflow.errors import InputError
 from oliveflow.hashing import file_sha256
 from oliveflow.results import DataReport
-from oliveflow.store import is_url
+from oliveflow.store import host_copies, is_url, url_filesystem
 
 
 def read_examples(path: Path, fields: list[str], shown: str | Path | None = None) -> list[dict]:
     """Parse a JSONL file; raise InputError naming the file (as ``shown``, e.g. its URL), line and fix on the first
     bad line."""
-    read_from = Path(path)
-    path = shown or read_from
-    if not read_from.is_file():
-        raise InputError(f"data file {path} does not exist; pass an existing JSONL file (--data / data.train_path)")
+    path = Path(path)
+    name = shown or path
+    if not path.is_file():
+        raise InputError(f"data file {name} does not exist; pass an existing JSONL file (--data / data.train_path)")
     rows = []
-    with open(read_from, encoding="utf-8") as f:
+    with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{number}: not valid JSON ({exc.msg}); "
+                raise InputError(f"{name}:{number}: not valid JSON ({exc.msg}); "
                                  "write one JSON object per line") from None
             if not isinstance(row, dict):
-                raise InputError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}; "
+                raise InputError(f"{name}:{number}: expected a JSON object, got {type(row).__name__}; "
                                  "write one JSON object per line")
-            missing = [name for name in fields if row.get(name) in (None, "")]
+            missing = [field for field in fields if row.get(field) in (None, "")]
             if missing:
-                raise InputError(f"{path}:{number}: field {missing[0]!r} used by the template is missing or empty; "
+                raise InputError(f"{name}:{number}: field {missing[0]!r} used by the template is missing or empty; "
                                  f"add it to every line or change the template (fields used: {', '.join(fields)})")
             rows.append(row)
     if not rows:
-        raise InputError(f"data file {path} has no examples; add JSONL lines with fields {', '.join(fields)}")
+        raise InputError(f"data file {name} has no examples; add JSONL lines with fields {', '.join(fields)}")
     return rows
 
 
@@ -65,28 +64,20 @@ def local_data_file(location: str) -> Path:
     """
     if not is_url(location):
         return Path(location.removeprefix("file://")).expanduser().resolve()
-    import fsspec
-
-    from oliveflow.config import oliveflow_home
-
-    folder = oliveflow_home() / "data-cache" / hashlib.sha256(location.encode()).hexdigest()[:16]
+    fs, path = url_filesystem(location, "data file")
+    folder = host_copies("data-cache", location)
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / (location.rstrip("/").rsplit("/", 1)[-1] or "data.jsonl")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".get-")
+    os.close(fd)
     try:
-        fs, path = fsspec.core.url_to_fs(location)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".get-", delete=False) as tmp:
-            pass
-        try:
-            fs.get_file(path, tmp.name)
-            os.replace(tmp.name, target)
-        finally:
-            Path(tmp.name).unlink(missing_ok=True)
+        fs.get_file(path, tmp)
+        target = folder / (location.rstrip("/").rsplit("/", 1)[-1] or "data.jsonl")
+        os.replace(tmp, target)
     except FileNotFoundError:
         raise InputError(f"data file {location} does not exist; pass an existing JSONL file "
                          "(--data / data.train_path)") from None
-    except ImportError as exc:
-        raise InputError(f"data file {location}: {exc}; install the package for its protocol (az:// needs "
-                         "adlfs: pip install 'oliveflow[scale-out]')") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     return target
 
 

@@ -105,6 +105,8 @@ def test_data_url_errors_name_the_url(tmp_path):
     url = f"memory://{tmp_path.name}/bad.jsonl"
     with pytest.raises(InputError, match=r"data file memory://.*/missing.jsonl does not exist"):
         validate_data(DataConfig(train_path=url.replace("bad", "missing"), eval_path=None))
+    with pytest.raises(InputError, match=r"data file nope://x/train.jsonl: Protocol not known: nope"):
+        validate_data(DataConfig(train_path="nope://x/train.jsonl", eval_path=None))
     fsspec.filesystem("memory").pipe_file(url, b'{"prompt": "a", "response": "b"}\nnot json\n')
     with pytest.raises(InputError, match=rf"{url}:2: not valid JSON"):
         validate_data(DataConfig(train_path=url, eval_path=None))
