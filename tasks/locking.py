@@ -14,6 +14,8 @@ from prefect.locking.filesystem import FileSystemLockManager
 from prefect_redis.locking import RedisLockManager
 from redis.exceptions import LockError
 
+from oliveflow.config import oliveflow_home
+
 
 def _alive(pid: int) -> bool:
     try:
@@ -107,9 +109,10 @@ class LeasedRedisLockManager(RedisLockManager):
                 return
 
 
-def lock_manager(lock_dir: Path) -> FileSystemLockManager | LeasedRedisLockManager:
-    """``$OLIVEFLOW_LOCK_URL`` (redis://...) for workers on several hosts, else file locks in ``lock_dir``."""
+def lock_manager() -> FileSystemLockManager | LeasedRedisLockManager:
+    """``$OLIVEFLOW_LOCK_URL`` (redis://...) for workers on several hosts, else file locks in
+    ``$OLIVEFLOW_LOCK_DIR`` (default ``$OLIVEFLOW_HOME/locks``), a folder every process on the host must share."""
     url = os.environ.get("OLIVEFLOW_LOCK_URL", "").strip()
     if url:
         return LeasedRedisLockManager(url, float(os.environ.get("OLIVEFLOW_LOCK_LEASE_SECONDS", "60")))
-    return ProcessAwareLockManager(lock_dir)
+    return ProcessAwareLockManager(Path(os.environ.get("OLIVEFLOW_LOCK_DIR") or oliveflow_home() / "locks"))

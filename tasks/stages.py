@@ -11,7 +11,6 @@ the small manifests in ``oliveflow.results``.
 from __future__ import annotations
 
 import functools
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,9 +21,7 @@ from prefect.cache_policies import NO_CACHE, CacheKeyFnPolicy
 from prefect.results import get_result_store
 from pydantic import BaseModel
 
-from oliveflow.config import (
-    DataConfig, ExportConfig, FinetuneConfig, QuantizeConfig, SmokeTestConfig, oliveflow_home,
-)
+from oliveflow.config import DataConfig, ExportConfig, FinetuneConfig, QuantizeConfig, SmokeTestConfig
 from oliveflow.errors import StageError
 from oliveflow.hashing import config_sha256, file_sha256, library_versions
 from oliveflow.results import Adapter, BaseModelRef, DataReport, OnnxModel, QuantizedModel, SmokeReport, StageRun
@@ -55,16 +52,11 @@ def _key_from_parameters(context, parameters: dict[str, Any]) -> str:
     return parameters["key"]
 
 
-def lock_files_directory() -> Path:
-    """Where stage locks live: every process sharing an artifact store on one host must see the same folder."""
-    return Path(os.environ.get("OLIVEFLOW_LOCK_DIR") or oliveflow_home() / "locks")
-
-
 # SERIALIZABLE: a run that needs a stage another process is computing under the same key waits for that
 # process's lock, then is served from its record instead of computing the stage a second time. File locks
 # serve one host; several hosts set $OLIVEFLOW_LOCK_URL to a Redis server (tasks/locking.py).
 CACHE_POLICY = CacheKeyFnPolicy(cache_key_fn=_key_from_parameters).configure(
-    isolation_level="SERIALIZABLE", lock_manager=lock_manager(lock_files_directory()))
+    isolation_level="SERIALIZABLE", lock_manager=lock_manager())
 CACHED = dict(cache_policy=CACHE_POLICY, persist_result=True, result_serializer="json",
               retries=1, retry_delay_seconds=5, retry_condition_fn=_transient)
 

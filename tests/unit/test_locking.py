@@ -71,10 +71,12 @@ def test_lock_manager_is_chosen_by_environment(tmp_path, monkeypatch, redis_serv
     from tasks.locking import LeasedRedisLockManager, lock_manager
 
     monkeypatch.delenv("OLIVEFLOW_LOCK_URL", raising=False)
-    assert isinstance(lock_manager(tmp_path), ProcessAwareLockManager)
+    monkeypatch.setenv("OLIVEFLOW_LOCK_DIR", str(tmp_path))
+    files = lock_manager()
+    assert isinstance(files, ProcessAwareLockManager) and files.lock_files_directory == tmp_path.resolve()
     monkeypatch.setenv("OLIVEFLOW_LOCK_URL", redis_server.url)
     monkeypatch.setenv("OLIVEFLOW_LOCK_LEASE_SECONDS", "30")
-    chosen = lock_manager(tmp_path)
+    chosen = lock_manager()
     assert isinstance(chosen, LeasedRedisLockManager) and chosen.lease_seconds == 30
     assert chosen.acquire_lock("k", holder="a") and chosen.is_locked("k")
     chosen.release_lock("k", holder="a")
