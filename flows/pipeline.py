@@ -25,7 +25,7 @@ from oliveflow.tracking import current_lineage
 from tasks.publish import register_task, track_task
 from tasks.stages import (
     export_key, export_task, finetune_key, finetune_task, quantize_key, quantize_task, resolve_model_task,
-    run_cached, smoke_key, smoke_test_task, validate_data_task,
+    resolve_template_task, run_cached, smoke_key, smoke_test_task, validate_data_task,
 )
 
 
@@ -59,10 +59,11 @@ def pipeline(params: PipelineParams = PipelineParams()) -> PipelineResult:
     check_output_dir(params.output_dir)
     check_registry_settings(params.registry)  # missing Azure workspace settings fail here, before heavy stages
     store = ArtifactStore(params.store_location())
-    template = params.data.template
     progress = create_progress_artifact(0.0, description="oliveflow pipeline: stages done (%)")
     data = validate_data_task(params.data)
     base = resolve_model_task(params.model, params.quantize)
+    template = resolve_template_task(params.data, base)  # the model's chat template unless one is given
+    finetune_config = params.finetune.for_model(base.parameters)  # empty lr/alpha: chosen by model size
 
     with gpu_slot():
         quantized, q_run = run_cached(
@@ -70,8 +71,8 @@ def pipeline(params: PipelineParams = PipelineParams()) -> PipelineResult:
             base=base, config=params.quantize, data=data)
         update_progress_artifact(progress, 25.0)
         adapter, f_run = run_cached(
-            finetune_task, store, "finetune", finetune_key(store, base, quantized, data, template, params.finetune),
-            base=base, model=quantized, data=data, template=template, config=params.finetune)
+            finetune_task, store, "finetune", finetune_key(store, base, quantized, data, template, finetune_config),
+            base=base, model=quantized, data=data, template=template, config=finetune_config)
         update_progress_artifact(progress, 50.0)
     # ModelBuilder runs on the CPU: the GPU is held again only when the model is built and tried for CUDA.
     with gpu_slot() if params.export.device == "gpu" else contextlib.nullcontext():
@@ -86,7 +87,8 @@ def pipeline(params: PipelineParams = PipelineParams()) -> PipelineResult:
 
     model_dir = publish(onnx.model_dir, params.output_dir) if params.output_dir else onnx.model_dir
     result = PipelineResult(
-        onnx_model_dir=model_dir, adapter_file=model_dir / onnx.adapter_name, size_reduction=smoke.size_reduction,
+        onnx_model_dir=model_dir, adapter_file=model_dir / onnx.adapter_name, template=template,
+        size_reduction=smoke.size_reduction,
         samples=smoke.samples, stages={r.name: r for r in (q_run, f_run, e_run, s_run)},
         base_model=base, quantized=quantized, adapter=adapter, onnx=onnx, smoke=smoke)
 

@@ -85,7 +85,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             "onnx_model_dir": str(result.onnx_model_dir),
             "adapter_file": str(result.adapter_file),
             "size_reduction": result.size_reduction,
-            "samples": [{"prompt": s.prompt, "answer": s.finetuned_answer, "base_answer": s.base_answer}
+            "samples": [{"prompt": s.prompt, "answer": s.finetuned_answer, "base_answer": s.base_answer,
+                         "reference": s.reference}
                         for s in result.samples],
             "stages": {name: {"cache": r.cache, "seconds": r.seconds} for name, r in result.stages.items()},
             "mlflow_run_id": result.mlflow_run_id,
@@ -93,6 +94,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             "eval_loss": {"original": result.adapter.eval_loss_original,
                           "quantized": result.adapter.eval_loss_quantized,
                           "finetuned": result.adapter.eval_loss_finetuned},
+            "response_perplexity": {"original": result.adapter.response_ppl_original,
+                                    "quantized": result.adapter.response_ppl_quantized,
+                                    "finetuned": result.adapter.response_ppl_finetuned},
+            "rouge_l": {"base": result.smoke.rouge_l_base, "finetuned": result.smoke.rouge_l_finetuned},
         }
         print(json.dumps(summary))
     else:
@@ -103,7 +108,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_stage(args: argparse.Namespace) -> int:
     """Run one stage from given inputs into ``--output`` (no Prefect, no cache)."""
     from oliveflow import results
-    from oliveflow.stages.data import validate_data
+    from oliveflow.stages.data import resolve_template, validate_data
     from oliveflow.stages.model import resolve_model
     from oliveflow.store import RESULT_FILE, atomic_dir, load_result
 
@@ -119,7 +124,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
             raise InputError(f"stage {args.name} needs --{flag} DIR (the output folder of an earlier stage)")
     if args.output is None and args.name != "smoke_test":
         raise InputError(f"stage {args.name} needs --output DIR for its result")
-    template = params.data.template
+    template = resolve_template(params.data, base.artifact.path)
 
     def run(out: Path):
         if args.name == "quantize":
@@ -155,11 +160,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", help="Hugging Face id, local model folder, or embedded:tiny-phi3 (default)")
+        p.add_argument("--model", help="Hugging Face id, local model folder, .gguf file, "
+                       "embedded:smollm2-135m-instruct (a real 135 M model), or embedded:tiny-phi3 (default)")
         p.add_argument("--data", help="training JSONL: a path, or a URL such as az://container/train.jsonl "
                                       "(default: the bundled travel set)")
         p.add_argument("--eval-data", help="held-out JSONL: a path or a URL")
-        p.add_argument("--template", help="text template with {field} placeholders")
+        p.add_argument("--template", help="text template with {field} placeholders (default: the model's chat "
+                       "template over prompt/response)")
         p.add_argument("--quantize", choices=["rtn", "gptq", "awq"], help="quantization algorithm")
         p.add_argument("--max-steps", type=int, help="LoRA optimizer steps")
         p.add_argument("--device", choices=["cpu", "gpu"], help="export target")

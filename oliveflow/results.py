@@ -46,6 +46,7 @@ class BaseModelRef(_Result):
     architecture: str
     hidden_size: int
     intermediate_size: int
+    parameters: int = Field(0, description="Parameter count (from the safetensors headers).")
 
 
 class QuantizedModel(_Result):
@@ -67,9 +68,17 @@ class Adapter(_Result):
 
     artifact: Artifact
     train_loss: list[float] = Field(description="Training loss per logged step.")
-    eval_loss_original: float | None = Field(description="Eval loss of the unquantized base model.")
-    eval_loss_quantized: float | None = Field(description="Eval loss of the quantized model, no adapter.")
-    eval_loss_finetuned: float | None = Field(description="Eval loss of the quantized model with the adapter.")
+    loss_on: str = Field("response", description="Tokens the loss covered: response or all.")
+    train_examples: int = Field(0, description="Training examples used (after cutting to max_seq_len).")
+    truncated_examples: int = Field(0, description="Training examples longer than max_seq_len, cut.")
+    eval_loss_original: float | None = Field(description="Held-out loss (training transform) of the unquantized "
+                                                         "base model.")
+    eval_loss_quantized: float | None = Field(description="Held-out loss of the quantized model, no adapter.")
+    eval_loss_finetuned: float | None = Field(description="Held-out loss of the quantized model with the adapter.")
+    response_ppl_original: float | None = Field(None, description="Held-out perplexity on response tokens, "
+                                                                  "unquantized base model.")
+    response_ppl_quantized: float | None = Field(None, description="The same, quantized model, no adapter.")
+    response_ppl_finetuned: float | None = Field(None, description="The same, quantized model with the adapter.")
     seconds: float
 
     @property
@@ -96,14 +105,18 @@ class OnnxModel(_Result):
 
 class Sample(_Result):
     prompt: str
+    reference: str = Field("", description="The held-out answer the generated ones are scored against.")
     base_answer: str
     finetuned_answer: str
 
 
 class SmokeReport(_Result):
     artifact: Artifact | None = Field(None, description="Where the report is stored, when it is.")
-    passed: bool
+    passed: bool = Field(description="Answers were generated and none was non-finite or degenerate (a failed "
+                                     "check raises, so a report exists only for a model that passed).")
     samples: list[Sample]
+    rouge_l_base: float | None = Field(None, description="Mean ROUGE-L F of the answers without the adapter.")
+    rouge_l_finetuned: float | None = Field(None, description="Mean ROUGE-L F of the answers with the adapter.")
     load_seconds: float
     ttft_seconds: float
     ttft_seconds_base: float
@@ -130,6 +143,7 @@ class PipelineResult(_Result):
 
     onnx_model_dir: Path
     adapter_file: Path
+    template: str = Field("", description="The text template the run trained and answered with.")
     size_reduction: float
     samples: list[Sample]
     stages: dict[str, StageRun]

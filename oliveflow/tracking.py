@@ -224,6 +224,12 @@ def run_metrics(result: PipelineResult) -> dict[str, float]:
         "eval_loss_original": adapter.eval_loss_original,
         "eval_loss_quantized": adapter.eval_loss_quantized,
         "eval_loss_finetuned": adapter.eval_loss_finetuned,
+        "response_ppl_original": adapter.response_ppl_original,
+        "response_ppl_quantized": adapter.response_ppl_quantized,
+        "response_ppl_finetuned": adapter.response_ppl_finetuned,
+        "rouge_l_base": smoke.rouge_l_base,
+        "rouge_l_finetuned": smoke.rouge_l_finetuned,
+        "finetune.truncated_examples": adapter.truncated_examples,
     }
     for name, run in result.stages.items():
         metrics[f"stage.{name}.seconds"] = run.seconds
@@ -278,6 +284,7 @@ def size_latency_chart(result: PipelineResult):
 
 def samples_table(result: PipelineResult) -> dict[str, list[str]]:
     return {"prompt": [s.prompt for s in result.samples],
+            "reference": [s.reference for s in result.samples],
             "base_answer": [s.base_answer for s in result.samples],
             "finetuned_answer": [s.finetuned_answer for s in result.samples]}
 
@@ -358,14 +365,13 @@ def _log_batch(client, run_id: str, params: dict[str, str], tags: dict[str, str]
         client.log_batch(run_id, metrics=entries[i:i + 1000])
 
 
-def pyfunc_config(params: BaseModel) -> dict[str, Any]:
+def pyfunc_config(params: BaseModel, template: str | None = None) -> dict[str, Any]:
     """The pyfunc's model config: answer length and the chat template the adapter was trained on."""
     from oliveflow.mlflow_model import DEFAULT_MAX_NEW_TOKENS
 
     smoke_config = getattr(params, "smoke_test", None)
     config: dict[str, Any] = {"max_new_tokens": getattr(smoke_config, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS)}
-    data_config = getattr(params, "data", None)
-    split = prompt_template(data_config.template) if data_config is not None else None
+    split = prompt_template(template) if template else None
     if split:
         config["prompt_template"], config["prompt_field"] = split
     return config
@@ -402,7 +408,7 @@ def _log_model(client, uri: str, experiment_id: str, run_id: str, result: Pipeli
 
     from oliveflow import mlflow_model
 
-    config = pyfunc_config(params)
+    config = pyfunc_config(params, result.template)
     tags = _logged_model_tags(result, config)
     reused = _reuse_logged_model(client, experiment_id, run_id, tags)
     if reused:

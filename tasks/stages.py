@@ -25,7 +25,7 @@ from oliveflow.config import DataConfig, ExportConfig, FinetuneConfig, QuantizeC
 from oliveflow.errors import StageError
 from oliveflow.hashing import config_sha256, file_sha256, library_versions
 from oliveflow.results import Adapter, BaseModelRef, DataReport, OnnxModel, QuantizedModel, SmokeReport, StageRun
-from oliveflow.stages.data import validate_data
+from oliveflow.stages.data import resolve_template, validate_data
 from oliveflow.stages.export import export_onnx
 from oliveflow.stages.finetune import finetune
 from oliveflow.stages.model import resolve_model
@@ -67,7 +67,7 @@ def code_sha256(stage: str) -> str:
     import oliveflow
 
     root = Path(oliveflow.__file__).parent
-    files = [root / "stages" / f"{stage}.py", root / "olive_ext.py", root / "olive_runner.py"]
+    files = [root / "stages" / f"{stage}.py", root / "olive_ext.py", root / "olive_runner.py", root / "sft.py"]
     if stage == "quantize":
         files.append(root / "awq.py")
     return config_sha256([file_sha256(f) for f in files])
@@ -96,6 +96,11 @@ def validate_data_task(config: DataConfig) -> DataReport:
 @task(name="resolve_model", cache_policy=NO_CACHE)
 def resolve_model_task(spec: str, quantize_config: QuantizeConfig) -> BaseModelRef:
     return resolve_model(spec, quantize_config)
+
+
+@task(name="resolve_template", cache_policy=NO_CACHE)
+def resolve_template_task(config: DataConfig, base: BaseModelRef) -> str:
+    return resolve_template(config, base.artifact.path)
 
 
 # ---- heavy stages: cached on content ----

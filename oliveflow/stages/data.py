@@ -8,10 +8,11 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from oliveflow.config import DataConfig, template_fields
+from oliveflow.config import DEFAULT_TEMPLATE, DataConfig
 from oliveflow.errors import InputError
 from oliveflow.hashing import file_sha256
 from oliveflow.results import DataReport
+from oliveflow.sft import chat_format_template, render, split_template
 from oliveflow.store import host_copies, is_url, url_filesystem
 
 
@@ -45,15 +46,24 @@ def read_examples(path: Path, fields: list[str], shown: str | Path | None = None
     return rows
 
 
-def render(template: str, row: dict) -> str:
-    return template.format(**{k: v if isinstance(v, str) else json.dumps(v) for k, v in row.items()})
-
-
 def prompt_and_reference(template: str, row: dict) -> tuple[str, str]:
     """Split a rendered example at the template's last placeholder: (prompt to generate from, reference)."""
-    last = template_fields(template)[-1]
-    head = template[: template.rindex("{" + last)]
-    return render(head, row), str(row[last])
+    from oliveflow.config import template_fields
+
+    head, _ = split_template(template)
+    return render(head, row), str(row[template_fields(template)[-1]])
+
+
+def resolve_template(config: DataConfig, model_dir: Path) -> str:
+    """The template a run uses: the one given, else the model's own chat template, else a Phi-3 style one."""
+    if config.template:
+        return config.template
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return chat_format_template(tokenizer, config.prompt_field, config.response_field) or \
+        DEFAULT_TEMPLATE.replace("{prompt}", "{%s}" % config.prompt_field).replace(
+            "{response}", "{%s}" % config.response_field)
 
 
 def local_data_file(location: str) -> Path:
@@ -83,12 +93,12 @@ def local_data_file(location: str) -> Path:
 
 def validate_data(config: DataConfig, tokenizer=None) -> DataReport:
     """Check the data files against the template; report sizes (token lengths when a tokenizer is given)."""
-    fields = template_fields(config.template)
+    fields = config.fields()
     train_path = local_data_file(config.train_path)
     eval_path = local_data_file(config.eval_path) if config.eval_path else None
     train = read_examples(train_path, fields, shown=config.train_path)
     evals = read_examples(eval_path, fields, shown=config.eval_path) if eval_path else []
-    texts = [render(config.template, row) for row in train]
+    texts = ["".join(str(row[f]) for f in fields) for row in train]
     lengths = [len(t) for t in texts]
     tokens = [len(tokenizer(t)["input_ids"]) for t in texts] if tokenizer is not None else None
     return DataReport(

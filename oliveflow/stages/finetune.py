@@ -2,26 +2,47 @@
 
 The adapter is trained against exactly the int4 weights the export copies into ONNX, so
 fine-tuning recovers part of the quantization loss instead of fitting weights that no
-longer exist. Eval losses of the original, quantized and fine-tuned model are measured
-on the held-out split with the same template.
+longer exist. The training examples go through this project's SFT transform (``oliveflow.sft``:
+one example per sequence, special tokens once, loss on the response), registered with Olive as a
+data component. Held-out losses of the original, quantized and fine-tuned model use the same
+transform; any non-finite loss, in training or on held-out data, fails the stage.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import time
 from pathlib import Path
 
 from oliveflow import olive_runner
-from oliveflow.olive_runner import jsonl_data_config
 from oliveflow.config import FinetuneConfig
+from oliveflow.errors import StageError
 from oliveflow.results import Adapter, BaseModelRef, DataReport, QuantizedModel
+from oliveflow.sft import HeldOutLoss, encode_rows, held_out_loss
 from oliveflow.stages import artifact_of
-from oliveflow.stages.data import read_examples, render
+from oliveflow.stages.data import read_examples
 
 ADAPTER_SUBDIR = "adapter"
+log = logging.getLogger(__name__)
+
+
+def sft_data_config(name: str, path: Path, model_dir: Path, template: str, max_seq_len: int, loss_on: str,
+                    batch_size: int) -> dict:
+    """An Olive data config: the JSONL file through this project's SFT transform (``olive_ext.sft_pre_process``)."""
+    from oliveflow import olive_ext
+
+    return {
+        "name": name,
+        "type": "HuggingfaceContainer",
+        "user_script": olive_ext.__file__,  # registers the component when the config is re-run with `olive run`
+        "load_dataset_config": {"data_name": "json", "data_files": [str(path)], "split": "train"},
+        "pre_process_data_config": {"type": olive_ext.SFT_PRE_PROCESS, "model_name": str(model_dir),
+                                    "template": template, "max_seq_len": max_seq_len, "loss_on": loss_on},
+        "dataloader_config": {"batch_size": batch_size},
+    }
 
 
 def olive_config(model: QuantizedModel, data: DataReport, template: str, config: FinetuneConfig) -> dict:
@@ -48,8 +69,8 @@ def olive_config(model: QuantizedModel, data: DataReport, template: str, config:
         lora["target_modules"] = list(config.target_modules)
     return {
         "input_model": {"type": "HfModel", "model_path": str(model.model_dir)},
-        "data_configs": [jsonl_data_config("train", data.train_path, template, config.max_seq_len,
-                                           max_samples=max(data.rows, 1), batch_size=config.batch_size)],
+        "data_configs": [sft_data_config("train", data.train_path, model.model_dir, template, config.max_seq_len,
+                                         config.loss_on, config.batch_size)],
         "passes": {"finetune": lora},
         "log_severity_level": 1,
     }
@@ -63,49 +84,43 @@ def _precision(config: FinetuneConfig) -> str:
     return "bfloat16" if torch.cuda.is_available() else "float32"
 
 
-def eval_loss(model, tokenizer, texts: list[str], max_seq_len: int) -> float:
-    """Mean next-token loss over ``texts`` (token-weighted), as the Trainer computes it."""
+def measure_held_out(base: BaseModelRef, model: QuantizedModel, adapter_dir: Path, examples: list[dict],
+                     batch_size: int) -> tuple[HeldOutLoss, HeldOutLoss, HeldOutLoss]:
+    """Held-out losses of the original model, the quantized model and the quantized model + adapter."""
     import torch
-
-    total, count = 0.0, 0
-    model.eval()
-    with torch.no_grad():
-        for text in texts:
-            ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_seq_len)["input_ids"]
-            if ids.shape[1] < 2:
-                continue
-            ids = ids.to(model.device)
-            loss = model(input_ids=ids, labels=ids).loss.item()
-            total += loss * (ids.shape[1] - 1)
-            count += ids.shape[1] - 1
-    return total / count if count else math.nan
-
-
-def measure_eval_losses(base: BaseModelRef, model: QuantizedModel, adapter_dir: Path, texts: list[str],
-                        max_seq_len: int) -> tuple[float, float, float]:
     from olive.model import HfModelHandler
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from oliveflow.olive_ext import load_adapter
-
-    import torch
+    from oliveflow.olive_ext import dequantize_once, load_adapter
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = AutoTokenizer.from_pretrained(model.model_dir)
-    original = AutoModelForCausalLM.from_pretrained(base.artifact.path, dtype="auto").to(device)
-    loss_original = eval_loss(original, tokenizer, texts, max_seq_len)
+    pad = AutoTokenizer.from_pretrained(model.model_dir).pad_token_id or 0
+    original = AutoModelForCausalLM.from_pretrained(base.artifact.path, dtype=torch.float32).to(device)
+    loss_original = held_out_loss(original, examples, pad, batch_size)
     del original
-    tuned = load_adapter(HfModelHandler(model_path=str(model.model_dir)).load_model().to(device), adapter_dir)
+    quantized = dequantize_once(HfModelHandler(model_path=str(model.model_dir)).load_model().to(device))
+    tuned = load_adapter(quantized, adapter_dir)
     with tuned.disable_adapter():
-        loss_quantized = eval_loss(tuned, tokenizer, texts, max_seq_len)
-    loss_finetuned = eval_loss(tuned, tokenizer, texts, max_seq_len)
+        loss_quantized = held_out_loss(tuned, examples, pad, batch_size)
+    loss_finetuned = held_out_loss(tuned, examples, pad, batch_size)
     return loss_original, loss_quantized, loss_finetuned
 
 
 def finetune(base: BaseModelRef, model: QuantizedModel, data: DataReport, template: str, config: FinetuneConfig,
              out_dir: Path) -> Adapter:
     """Train a LoRA adapter on ``model`` into ``out_dir/adapter``; the Olive config is saved beside it."""
+    from transformers import AutoTokenizer
+
     started = time.perf_counter()
+    config = config.for_model(base.parameters)  # learning rate and alpha left empty: chosen by model size
+    tokenizer = AutoTokenizer.from_pretrained(model.model_dir)
+    _, stats = encode_rows(tokenizer, template, read_examples(data.train_path, data.fields), config.max_seq_len,
+                           config.loss_on)
+    if stats.warning(config.max_seq_len):
+        log.warning("finetune: %s", stats.warning(config.max_seq_len))
+    if stats.dropped == stats.examples:
+        raise StageError(f"finetune: no training example keeps a response token within max_seq_len="
+                         f"{config.max_seq_len}; raise finetune.max_seq_len")
     produced = olive_runner.run_workflow(olive_config(model, data, template, config), out_dir, "finetune")
     # Olive writes a copy of the base next to the adapter; only the adapter is kept.
     shutil.move(str(Path(produced).parent / "adapter"), out_dir / ADAPTER_SUBDIR)
@@ -114,16 +129,36 @@ def finetune(base: BaseModelRef, model: QuantizedModel, data: DataReport, templa
     history = json.loads((adapter_dir / "log_history.json").read_text())
     train_loss = [float(entry["loss"]) for entry in history if "loss" in entry]
 
-    losses: tuple[float | None, ...] = (None, None, None)
+    losses: tuple[HeldOutLoss | None, ...] = (None, None, None)
     if data.eval_path is not None:
-        texts = [render(template, row) for row in read_examples(data.eval_path, data.fields)]
-        losses = measure_eval_losses(base, model, adapter_dir, texts, config.max_seq_len)
-    (out_dir / "eval_losses.json").write_text(json.dumps(dict(zip(("original", "quantized", "finetuned"), losses))))
+        examples, _ = encode_rows(tokenizer, template, read_examples(data.eval_path, data.fields),
+                                  config.max_seq_len, config.loss_on)
+        losses = measure_held_out(base, model, adapter_dir, examples, config.batch_size)
+        bad = [name for name, loss in zip(("original", "quantized", "fine-tuned"), losses)
+               if not (math.isfinite(loss.loss) and math.isfinite(loss.response_loss))]
+        if bad:
+            raise StageError(f"finetune: held-out loss of the {', '.join(bad)} model is not finite "
+                             f"({losses}); the model is numerically broken, nothing is kept")
+    report = {name: None if loss is None else {"loss": loss.loss, "response_loss": loss.response_loss,
+                                               "response_perplexity": loss.response_perplexity,
+                                               "response_tokens": loss.response_tokens}
+              for name, loss in zip(("original", "quantized", "finetuned"), losses)}
+    (out_dir / "eval_losses.json").write_text(json.dumps(report, indent=1))
+
+    def value(i: int, attr: str) -> float | None:
+        return None if losses[i] is None else getattr(losses[i], attr)
+
     return Adapter(
         artifact=artifact_of(out_dir),
         train_loss=train_loss,
-        eval_loss_original=losses[0],
-        eval_loss_quantized=losses[1],
-        eval_loss_finetuned=losses[2],
+        loss_on=config.loss_on,
+        train_examples=stats.examples - stats.dropped,
+        truncated_examples=stats.truncated,
+        eval_loss_original=value(0, "loss"),
+        eval_loss_quantized=value(1, "loss"),
+        eval_loss_finetuned=value(2, "loss"),
+        response_ppl_original=value(0, "response_perplexity"),
+        response_ppl_quantized=value(1, "response_perplexity"),
+        response_ppl_finetuned=value(2, "response_perplexity"),
         seconds=time.perf_counter() - started,
     )

@@ -7,22 +7,36 @@ dimensions divide by the quantization group size.
 
 from __future__ import annotations
 
+import ast
+import functools
+import importlib.util
 import json
 import os
+import struct
 from pathlib import Path
 
-from oliveflow.config import EMBEDDED_MODEL, QuantizeConfig, oliveflow_home
+from oliveflow.config import EMBEDDED_MODEL, REAL_MODEL, QuantizeConfig, oliveflow_home
 from oliveflow.errors import InputError
 from oliveflow.hashing import config_sha256, tree_files, tree_sha256, tree_size
 from oliveflow.results import Artifact, BaseModelRef
 
-# Text-only causal LMs that onnxruntime-genai 0.14's ModelBuilder exports and whose
-# Olive-quantized checkpoints its quantized-model reader maps (model.layers.N.self_attn/mlp).
-EXPORTABLE_ARCHITECTURES = frozenset({
-    "LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-    "GemmaForCausalLM", "Gemma2ForCausalLM", "GraniteForCausalLM", "OlmoForCausalLM",
-    "NemotronForCausalLM", "SmolLM3ForCausalLM",
-})
+
+@functools.cache
+def exportable_architectures() -> frozenset[str]:
+    """The causal-LM architectures the installed onnxruntime-genai ModelBuilder dispatches on.
+
+    Read from its own ``create_model`` (every ``config.architectures[0] == "..."`` test in builder.py),
+    without importing it, so a newer builder widens the set with no change here. Multimodal
+    ``...ForConditionalGeneration`` entries are left out: this pipeline trains text-only causal LMs.
+    """
+    source = Path(importlib.util.find_spec("onnxruntime_genai.models.builder").origin).read_text()
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare) and isinstance(node.left, ast.Subscript) and \
+                ast.unparse(node.left) == "config.architectures[0]":
+            found.update(c.value for c in node.comparators
+                         if isinstance(c, ast.Constant) and isinstance(c.value, str))
+    return frozenset(name for name in found if name.endswith("ForCausalLM"))
 
 
 def _hub_snapshot(repo_id: str) -> Path:
@@ -41,12 +55,20 @@ def locate(spec: str) -> Path:
         from oliveflow.tiny_model import ensure_tiny_model
 
         return ensure_tiny_model()
+    if spec == REAL_MODEL:
+        from oliveflow.real_models import ensure_smollm2
+
+        return ensure_smollm2()
     path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        from oliveflow.real_models import convert_gguf
+
+        return convert_gguf(path)
     if path.exists():
         return path.resolve()
     if spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1) or spec.count("/") != 1:
-        raise InputError(f"model path {spec} does not exist; pass a model folder, a Hub id like "
-                         f"'microsoft/Phi-3.5-mini-instruct', or {EMBEDDED_MODEL!r}")
+        raise InputError(f"model path {spec} does not exist; pass a model folder, a .gguf file, a Hub id like "
+                         f"'microsoft/Phi-3.5-mini-instruct', {REAL_MODEL!r} or {EMBEDDED_MODEL!r}")
     return _hub_snapshot(spec)
 
 
@@ -80,9 +102,9 @@ def check_model_folder(folder: Path, quantize: QuantizeConfig) -> dict:
     if not architecture.endswith("ForCausalLM"):
         raise InputError(f"model {folder} is not a causal language model (architectures={architectures}); "
                          "pass a *ForCausalLM checkpoint")
-    if architecture not in EXPORTABLE_ARCHITECTURES:
-        raise InputError(f"model {folder} has architecture {architecture}, which the onnxruntime-genai exporter "
-                         f"cannot take; use one of {', '.join(sorted(EXPORTABLE_ARCHITECTURES))}")
+    if architecture not in exportable_architectures():
+        raise InputError(f"model {folder} has architecture {architecture}, which the installed onnxruntime-genai "
+                         f"exporter cannot take; use one of {', '.join(sorted(exportable_architectures()))}")
     if "quantization_config" in config:
         raise InputError(f"model {folder} is already quantized ({config['quantization_config'].get('quant_method')});"
                          " pass the unquantized base model")
@@ -117,7 +139,23 @@ def resolve_model(spec: str, quantize: QuantizeConfig) -> BaseModelRef:
         architecture=config["architectures"][0],
         hidden_size=config.get("hidden_size", 0),
         intermediate_size=config.get("intermediate_size", 0),
+        parameters=count_parameters(folder),
     )
+
+
+def count_parameters(folder: Path) -> int:
+    """Parameters in the folder's safetensors files, from their headers (no weights are read)."""
+    total = 0
+    for file in folder.glob("*.safetensors"):
+        with open(file, "rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                count = 1
+                for dim in entry["shape"]:
+                    count *= dim
+                total += count
+    return total
 
 
 def _weights_size(folder: Path) -> int:

@@ -1,7 +1,10 @@
 """smoke_test: load the exported model + adapter with onnxruntime-genai, answer held-out prompts.
 
 Each prompt is answered twice, with the adapter active and with none (the LoRA weights
-are float inputs, so "none" is the quantized base). Latency is measured per token.
+are float inputs, so "none" is the quantized base). Latency is measured per token, and the
+answers are scored with ROUGE-L against the held-out reference answers. Non-finite logits, or a
+fine-tuned answer that is empty or one token repeated, fail the stage: a numerically broken
+model never reaches a registry.
 """
 
 from __future__ import annotations
@@ -17,10 +20,17 @@ from oliveflow.results import BaseModelRef, DataReport, OnnxModel, Sample, Smoke
 from oliveflow.stages.data import prompt_and_reference, read_examples
 
 ADAPTER_NAME = "finetuned"
+STUCK_RUN = 12  # an answer whose last 12 tokens are one token is stuck
 
 
-def _generate(og, model, tokenizer, prompt: str, max_new_tokens: int, adapters=None) -> tuple[str, list[float]]:
-    """Greedy answer and the seconds each token took (the first includes the prompt)."""
+def _generate(og, model, tokenizer, prompt: str, max_new_tokens: int, adapters=None
+              ) -> tuple[str, list[int], list[float]]:
+    """Greedy answer, its token ids, and the seconds each token took (the first includes the prompt).
+
+    Raises StageError on the first non-finite logit.
+    """
+    import numpy as np
+
     params = og.GeneratorParams(model)
     ids = tokenizer.encode(prompt)
     params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
@@ -31,12 +41,44 @@ def _generate(og, model, tokenizer, prompt: str, max_new_tokens: int, adapters=N
     tick = time.perf_counter()
     generator.append_tokens(ids)
     while not generator.is_done():
+        if not np.isfinite(generator.get_logits()).all():
+            which = "with the adapter" if adapters is not None else "without the adapter"
+            raise StageError(f"smoke_test: non-finite logits {which} at generated token {len(tokens)} for prompt "
+                             f"{prompt[-60:]!r}; the exported model is numerically broken")
         generator.generate_next_token()
         tokens.append(int(generator.get_next_tokens()[0]))
         now = time.perf_counter()
         latencies.append(now - tick)
         tick = now
-    return tokenizer.decode(tokens).strip(), latencies
+    return tokenizer.decode(tokens).strip(), tokens, latencies
+
+
+def degenerate(text: str, tokens: list[int], eos: set[int] = frozenset()) -> str | None:
+    """Why an answer is degenerate (empty, one token repeated, stuck on one token), or None."""
+    body = [t for t in tokens if t not in eos]
+    if not text.strip():
+        return "empty answer"
+    if len(body) >= 4 and len(set(body)) == 1:
+        return f"one token ({body[0]}) repeated {len(body)} times"
+    if len(body) >= STUCK_RUN and len(set(body[-STUCK_RUN:])) == 1:
+        return f"stuck on token {body[-1]} for its last {STUCK_RUN} tokens"
+    return None
+
+
+def rouge_l(answers: list[str], references: list[str]) -> float:
+    """Mean ROUGE-L F-measure (Google's rouge-score, stemmed)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [scorer.score(ref, ans)["rougeL"].fmeasure for ans, ref in zip(answers, references)]
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+def _eos_ids(model_dir: Path) -> set[int]:
+    import json
+
+    eos = json.loads((model_dir / "genai_config.json").read_text())["model"].get("eos_token_id", [])
+    return set(eos if isinstance(eos, list) else [eos])
 
 
 def _onnx_size(model_dir: Path) -> int:
@@ -59,12 +101,17 @@ def smoke_test(onnx: OnnxModel, base: BaseModelRef, data: DataReport, template: 
 
     source = data.eval_path or data.train_path
     rows = read_examples(source, data.fields)[: config.num_samples]
-    samples, tuned_lat, base_lat = [], [], []
+    samples, tuned_lat, base_lat, references = [], [], [], []
     for row in rows:
-        prompt, _ = prompt_and_reference(template, row)
-        tuned, lat_t = _generate(og, model, tokenizer, prompt, config.max_new_tokens, adapters)
-        plain, lat_b = _generate(og, model, tokenizer, prompt, config.max_new_tokens)
-        samples.append(Sample(prompt=prompt, base_answer=plain, finetuned_answer=tuned))
+        prompt, reference = prompt_and_reference(template, row)
+        tuned, tuned_tokens, lat_t = _generate(og, model, tokenizer, prompt, config.max_new_tokens, adapters)
+        plain, _, lat_b = _generate(og, model, tokenizer, prompt, config.max_new_tokens)
+        reason = degenerate(tuned, tuned_tokens, _eos_ids(onnx.model_dir))
+        if reason:
+            raise StageError(f"smoke_test: the fine-tuned model's answer is degenerate ({reason}) for prompt "
+                             f"{prompt[-60:]!r}: {tuned[:80]!r}; the fine-tune failed (check its loss curve)")
+        samples.append(Sample(prompt=prompt, reference=reference, base_answer=plain, finetuned_answer=tuned))
+        references.append(reference)
         tuned_lat.append(lat_t)
         base_lat.append(lat_b)
 
@@ -86,8 +133,10 @@ def smoke_test(onnx: OnnxModel, base: BaseModelRef, data: DataReport, template: 
     p50_base, p90_base = percentiles(base_lat)
     size_after = _onnx_size(onnx.model_dir)
     return SmokeReport(
-        passed=bool(samples) and all(s.finetuned_answer for s in samples) or config.num_samples == 0,
+        passed=bool(samples) or config.num_samples == 0,
         samples=samples,
+        rouge_l_base=rouge_l([s.base_answer for s in samples], references) if samples else None,
+        rouge_l_finetuned=rouge_l([s.finetuned_answer for s in samples], references) if samples else None,
         load_seconds=load_seconds,
         ttft_seconds=ttft(tuned_lat),
         ttft_seconds_base=ttft(base_lat),
