@@ -129,7 +129,7 @@ class FinetuneConfig(_Config):
 
 
 # (largest parameter count, learning rate, alpha / r): measured, see README "LoRA defaults".
-LORA_DEFAULTS = ((50e6, 2e-3, 2.0), (2e9, 1e-3, 2.0), (float("inf"), 2e-4, 2.0))
+LORA_DEFAULTS = ((50e6, 2e-3, 2.0), (2e9, 5e-4, 2.0), (float("inf"), 2e-4, 2.0))
 
 
 def lora_defaults(parameters: int) -> dict:
