@@ -34,7 +34,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def chain(tiny_model_dir, tmp_path_factory):
     """quantize -> finetune -> export on the tiny model, once per session."""
     from oliveflow.config import DataConfig, ExportConfig, FinetuneConfig, QuantizeConfig
-    from oliveflow.stages.data import validate_data
+    from oliveflow.stages.data import resolve_template, validate_data
     from oliveflow.stages.export import export_onnx
     from oliveflow.stages.finetune import finetune
     from oliveflow.stages.model import resolve_model
@@ -46,10 +46,11 @@ def chain(tiny_model_dir, tmp_path_factory):
     qconfig = QuantizeConfig(group_size=32)
     base = resolve_model(str(tiny_model_dir), qconfig)
     quantized = quantize(base, qconfig, _fresh(root / "quantize"), data=data)
-    adapter = finetune(base, quantized, data, data_config.template,
+    template = resolve_template(data_config, tiny_model_dir)
+    adapter = finetune(base, quantized, data, template,
                        FinetuneConfig(max_steps=30, learning_rate=3e-3), _fresh(root / "finetune"))
     onnx = export_onnx(quantized, adapter, ExportConfig(), _fresh(root / "export"))
-    return {"base": base, "data": data, "template": data_config.template, "quantized": quantized,
+    return {"base": base, "data": data, "template": template, "quantized": quantized,
             "adapter": adapter, "onnx": onnx}
 
 

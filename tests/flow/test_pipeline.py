@@ -38,13 +38,16 @@ def test_default_run_produces_a_working_model(default_run):
         assert (folder / name).is_file(), name
     assert result.adapter_file.suffix == ".onnx_adapter" and result.adapter_file.is_file()
     assert result.size_reduction > 1.5
-    assert result.smoke.passed and len(result.samples) == 3
+    assert result.smoke.passed and len(result.samples) == 8
 
 
 def test_default_run_learns_the_travel_style(default_run):
     adapter = default_run.adapter
     assert adapter.eval_loss_finetuned < adapter.eval_loss_quantized
     assert adapter.eval_loss_finetuned < adapter.eval_loss_original
+    assert adapter.response_ppl_finetuned < adapter.response_ppl_original
+    smoke = default_run.smoke
+    assert smoke.rouge_l_finetuned > smoke.rouge_l_base
     vocabulary = set(re.findall(r"[a-z']+", (REPO / "data" / "travel_train.jsonl").read_text().lower()))
     for sample in default_run.samples:
         words = re.findall(r"[a-z']+", sample.finetuned_answer.lower())

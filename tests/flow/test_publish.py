@@ -26,7 +26,8 @@ def test_each_run_is_tracked_and_registration_is_idempotent():
     assert run.data.params["finetune.max_steps"] == "5"
     assert run.data.tags["content_sha256"] == first.onnx.artifact.sha256
     assert run.data.tags["flow_run_id"]
-    assert {"size.reduction", "latency.ttft_ms.adapter", "eval_loss_finetuned"} <= set(run.data.metrics)
+    assert {"size.reduction", "latency.ttft_ms.adapter", "eval_loss_finetuned", "response_ppl_finetuned",
+            "rouge_l_finetuned"} <= set(run.data.metrics)
 
 
 def test_quality_gate_refuses_a_worse_model():
@@ -35,7 +36,7 @@ def test_quality_gate_refuses_a_worse_model():
     assert champion.registration.startswith("registered gate-test v1")
     worse = pipeline(PipelineParams(**{**FAST, "finetune": FinetuneConfig(max_steps=2)},
                                     registry={"model_name": "gate-test"}))
-    assert worse.adapter.eval_loss_finetuned > champion.adapter.eval_loss_finetuned
+    assert worse.adapter.response_ppl_finetuned > champion.adapter.response_ppl_finetuned
     assert worse.registration.startswith("not registered:"), worse.registration
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from oliveflow.config import DataConfig, ExportConfig, FinetuneConfig, QuantizeConfig, SmokeTestConfig
-from oliveflow.stages.data import validate_data
+from oliveflow.stages.data import resolve_template, validate_data
 from oliveflow.stages.export import export_onnx
 from oliveflow.stages.finetune import finetune
 from oliveflow.stages.model import resolve_model
@@ -41,9 +41,10 @@ def test_chain_on_other_architecture(kind, tiny_model_dir, tmp_path):
     for path in dirs.values():
         path.mkdir()
     quantized = quantize(base, qconfig, dirs["q"], data=data)
-    adapter = finetune(base, quantized, data, data_config.template,
+    template = resolve_template(data_config, folder)
+    adapter = finetune(base, quantized, data, template,
                        FinetuneConfig(max_steps=3, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]),
                        dirs["f"])
     onnx = export_onnx(quantized, adapter, ExportConfig(), dirs["e"])
-    report = smoke_test(onnx, base, data, data_config.template, SmokeTestConfig(num_samples=1, max_new_tokens=4))
+    report = smoke_test(onnx, base, data, template, SmokeTestConfig(num_samples=1, max_new_tokens=4))
     assert report.samples and report.decode_tokens_per_second > 0

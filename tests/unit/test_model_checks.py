@@ -42,8 +42,38 @@ def test_architecture_the_exporter_cannot_take(tiny_model_dir, tmp_path):
     with pytest.raises(InputError, match="not a causal language model|exporter cannot take"):
         resolve_model(str(folder), QuantizeConfig())
     folder = clone(tiny_model_dir, tmp_path / "m2", architectures=["FalconForCausalLM"])
-    with pytest.raises(InputError, match="FalconForCausalLM, which the onnxruntime-genai exporter cannot take"):
+    with pytest.raises(InputError, match="FalconForCausalLM, which the installed onnxruntime-genai exporter cannot"):
         resolve_model(str(folder), QuantizeConfig())
+
+
+def test_accepted_architectures_are_the_builders_own():
+    """Every causal LM the installed builder dispatches on is accepted; read independently of the code's AST walk."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    from oliveflow.stages.model import exportable_architectures
+
+    source = Path(importlib.util.find_spec("onnxruntime_genai.models.builder").origin).read_text()
+    listed = set(re.findall(r'config\.architectures\[0\] == "(\w+ForCausalLM)"', source))
+    assert len(listed) >= 15, "the builder's dispatch moved; the test no longer reads it"
+    assert exportable_architectures() == listed
+    # ones the old hand-written subset refused although the builder takes them
+    assert {"PhiForCausalLM", "Gemma3ForCausalLM", "InternLM2ForCausalLM", "Lfm2ForCausalLM",
+            "GptOssForCausalLM", "PhiMoEForCausalLM"} <= listed
+
+
+@pytest.mark.parametrize("architecture", ["Gemma3ForCausalLM", "GptOssForCausalLM", "Lfm2ForCausalLM"])
+def test_architectures_the_builder_takes_are_not_refused(architecture, tiny_model_dir, tmp_path):
+    folder = clone(tiny_model_dir, tmp_path / "m", architectures=[architecture])
+    assert resolve_model(str(folder), QuantizeConfig()).architecture == architecture
+
+
+def test_parameters_are_counted_from_the_headers(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert resolve_model(str(tiny_model_dir), QuantizeConfig()).parameters == model.num_parameters()
 
 
 def test_group_size_must_divide_dimensions(tiny_model_dir, tmp_path):

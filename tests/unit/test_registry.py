@@ -15,7 +15,7 @@ from oliveflow.config import PipelineParams
 from oliveflow.errors import InputError
 from oliveflow.registry import (
     CONTENT_TAG, AzureMLRegistry, AzurePrincipal, AzureWorkspace, MlflowRegistry, RegisteredVersion, RegistryConfig,
-    RegistryError, azure_credential, check_registry_settings, decide, make_registry, register_model,
+    Candidate, RegistryError, azure_credential, check_registry_settings, decide, make_registry, register_model,
     registry_settings_errors,
 )
 from oliveflow.tracking import track_run
@@ -23,38 +23,60 @@ from oliveflow.tracking import track_run
 PLANTED = "planted-secret-XYZ"
 
 
-def _champion(loss: str | None, version: str = "3") -> RegisteredVersion:
-    tags = {} if loss is None else {"eval_loss_finetuned": loss}
+def _champion(ppl: str | None, version: str = "3", rouge: str | None = None) -> RegisteredVersion:
+    tags = {} if ppl is None else {"response_ppl_finetuned": ppl}
+    if rouge is not None:
+        tags["rouge_l_finetuned"] = rouge
     return RegisteredVersion(name="m", version=version, content_hash="c", tags=tags, uri=f"models:/m/{version}")
 
 
-def _variant(result, eval_loss: float | None = None, passed: bool | None = None, salt: str = "other"):
+def _candidate(ppl, passed=True, rouge=0.3, losses=(3.0, 3.5, 2.5)) -> Candidate:
+    return Candidate(eval_losses=(*losses, ppl), response_ppl=ppl, rouge_l=rouge, smoke_passed=passed)
+
+
+def _variant(result, ppl: float | None = None, passed: bool | None = None, salt: str = "other", **adapter_changes):
     """The same files under another content hash (a retrained model), with other metrics."""
     onnx = result.onnx.model_copy(update={"artifact": result.onnx.artifact.model_copy(
         update={"sha256": hashlib.sha256((result.onnx.artifact.sha256 + salt).encode()).hexdigest()})})
-    adapter = result.adapter.model_copy(update={"eval_loss_finetuned": eval_loss}) if eval_loss is not None else \
-        result.adapter
+    if ppl is not None:
+        adapter_changes["response_ppl_finetuned"] = ppl
+    adapter = result.adapter.model_copy(update=adapter_changes)
     smoke = result.smoke.model_copy(update={"passed": passed}) if passed is not None else result.smoke
     return result.model_copy(update={"onnx": onnx, "adapter": adapter, "smoke": smoke})
 
 
 # ---- the gate ----
 
-@pytest.mark.parametrize(("loss", "passed", "champion", "force", "register", "words"), [
-    (2.0, True, None, False, True, "no version registered"),
-    (2.0, False, None, False, False, "smoke test failed"),
-    (2.0, True, _champion("2.5"), False, True, "<= champion v3's 2.5000"),
-    (2.5, True, _champion("2.5"), False, True, "<="),
-    (2.6, True, _champion("2.5"), False, False, "2.6000 is worse than champion v3's 2.5000"),
-    (None, True, _champion("2.5"), False, False, "no finite eval_loss_finetuned"),
-    (float("nan"), True, _champion("2.5"), False, False, "no finite"),
-    (2.6, True, _champion(None), False, True, "has no eval_loss_finetuned"),
-    (2.6, True, _champion("2.5"), True, True, "forced (the gate said: eval_loss_finetuned 2.6000 is worse"),
-    (2.0, False, None, True, True, "forced (the gate said: the smoke test failed)"),
+@pytest.mark.parametrize(("candidate", "champion", "force", "register", "words"), [
+    (_candidate(20.0), None, False, True, "no version registered"),
+    (_candidate(20.0, passed=False), None, False, False, "smoke test failed"),
+    (_candidate(20.0), _champion("25"), False, True, "<= champion v3's 25.0000"),
+    (_candidate(25.0), _champion("25"), False, True, "<="),
+    (_candidate(26.0), _champion("25"), False, False, "26.0000 is worse than champion v3's 25.0000"),
+    (_candidate(None), _champion("25"), False, False, "no finite response_ppl_finetuned"),
+    (_candidate(26.0), _champion(None), False, True, "has no response_ppl_finetuned"),
+    (_candidate(26.0), _champion("25"), True, True, "forced (the gate said: response_ppl_finetuned 26.0000 is worse"),
+    # ROUGE-L, the second check: a better perplexity with clearly worse answers is refused.
+    (_candidate(20.0, rouge=0.20), _champion("25", rouge="0.30"), False, False, "rouge_l_finetuned 0.2000 trails"),
+    (_candidate(20.0, rouge=0.29), _champion("25", rouge="0.30"), False, True, "<= champion"),
+    # Numerical failures are refused with no champion, and even when forced.
+    (_candidate(float("nan")), None, False, False, "not finite"),
+    (_candidate(float("inf")), None, True, False, "not finite"),
+    (_candidate(20.0, losses=(3.0, float("nan"), 2.5)), None, False, False, "not finite"),
+    (_candidate(20.0, passed=False), None, True, False, "smoke test failed"),
 ])
-def test_gate(loss, passed, champion, force, register, words):
-    decision = decide(loss, passed, champion, force)
+def test_gate(candidate, champion, force, register, words):
+    decision = decide(candidate, champion, force)
     assert decision.register is register and words in decision.reason
+
+
+def test_gate_refuses_a_nan_model_with_no_champion(tracked, fresh_mlflow_uri, pipeline_result, lineage):
+    registry = MlflowRegistry(fresh_mlflow_uri)
+    broken = _variant(pipeline_result, salt="nan", eval_loss_finetuned=float("nan"),
+                      response_ppl_finetuned=float("nan"))
+    outcome = register_model(registry, "travel-nan", broken, tracked, lineage, force=True)
+    assert not outcome.registered and "not finite" in outcome.summary
+    assert registry.latest("travel-nan") is None
 
 
 # ---- settings, checked before heavy work ----
@@ -113,7 +135,7 @@ def test_mlflow_registration_is_idempotent_and_the_version_loads(tracked, mlflow
     assert first.registered and not first.already_registered and first.version.version == "1"
     tags = first.version.tags
     assert tags[CONTENT_TAG] == pipeline_result.onnx.artifact.sha256 and tags["mlflow_run_id"] == tracked.run_id
-    assert tags["data_sha256"] == lineage.data_sha256 and tags["eval_loss_finetuned"]
+    assert tags["data_sha256"] == lineage.data_sha256 and tags["response_ppl_finetuned"]
     assert tags.get("git_commit") == lineage.git_commit
     again = register_model(registry, "travel-idem", pipeline_result, tracked, lineage)
     assert again.already_registered and again.version.version == "1"
@@ -128,12 +150,12 @@ def test_mlflow_registration_is_idempotent_and_the_version_loads(tracked, mlflow
 
 def test_mlflow_gate_and_explicit_versions(tracked, mlflow_uri, pipeline_result, lineage):
     registry = MlflowRegistry(mlflow_uri)
-    champion_loss = pipeline_result.adapter.eval_loss_finetuned
+    champion_ppl = pipeline_result.adapter.response_ppl_finetuned
     assert register_model(registry, "travel-gate", pipeline_result, tracked, lineage).version.version == "1"
-    worse = _variant(pipeline_result, eval_loss=champion_loss + 0.5)
+    worse = _variant(pipeline_result, ppl=champion_ppl + 0.5)
     refused = register_model(registry, "travel-gate", worse, tracked, lineage)
     assert not refused.registered and refused.version is None
-    assert refused.summary.startswith("not registered: eval_loss_finetuned") and "worse than champion v1" in \
+    assert refused.summary.startswith("not registered: response_ppl_finetuned") and "worse than champion v1" in \
         refused.summary
     broken = _variant(pipeline_result, passed=False, salt="f")
     failed = register_model(registry, "travel-gate", broken, tracked, lineage)
@@ -202,9 +224,9 @@ def test_azure_gate_and_version_conflict(azure, tracked, pipeline_result, lineag
     arm = azure.arm.state
     assert register_model(registry, "travel-az-gate", pipeline_result, tracked, lineage, version="1").registered
     puts = len(arm.calls("PUT", r"/models/travel-az-gate/"))
-    worse = _variant(pipeline_result, eval_loss=pipeline_result.adapter.eval_loss_finetuned + 1)
+    worse = _variant(pipeline_result, ppl=pipeline_result.adapter.response_ppl_finetuned + 1)
     refused = register_model(registry, "travel-az-gate", worse, tracked, lineage)
-    assert refused.summary.startswith("not registered: eval_loss_finetuned") and "champion v1" in refused.summary
+    assert refused.summary.startswith("not registered: response_ppl_finetuned") and "champion v1" in refused.summary
     with pytest.raises(RegistryError) as conflict:
         register_model(registry, "travel-az-gate", worse, tracked, lineage, force=True, version="1")
     assert "travel-az-gate version 1 already holds another model" in str(conflict.value)

@@ -192,3 +192,77 @@ def test_other_quantizers_run_offline(algorithm, chain, tmp_path, monkeypatch):
     assert config["quantization_config"]["quant_method"] == "olive"
     saved = json.loads((result.artifact.path / "olive_config.json").read_text())
     assert saved["passes"]["quantize"]["type"].lower() == algorithm
+
+
+def _with_nan(folder_src, folder_dst, pick):
+    """A copy of a model folder whose first tensor (in name order) matching ``pick`` is all NaN."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(folder_src, folder_dst)
+    path = folder_dst / "model.safetensors"
+    tensors = load_file(path)
+    name = sorted(n for n in tensors if pick(n))[0]
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, path, metadata={"format": "pt"})
+    return name
+
+
+def test_a_planted_nan_fails_the_finetune_at_its_step(chain, tmp_path):
+    from oliveflow.config import FinetuneConfig
+    from oliveflow.errors import StageError
+    from oliveflow.stages.finetune import finetune
+
+    quantized = chain["quantized"]
+    _with_nan(quantized.model_dir, tmp_path / "q" / "model", lambda n: n.endswith("norm.weight"))
+    broken = quantized.model_copy(update={"artifact": quantized.artifact.model_copy(update={"path": tmp_path / "q"})})
+    out = tmp_path / "f"
+    out.mkdir()
+    with pytest.raises(StageError, match=r"finetune: .*(loss|grad_norm) is nan at step 1"):
+        finetune(chain["base"], broken, chain["data"], chain["template"], FinetuneConfig(max_steps=3), out)
+    assert not (out / "adapter").exists(), "nothing is kept of a failed fine-tune"
+
+
+def test_smoke_test_fails_on_non_finite_logits(chain, tmp_path):
+    import shutil
+
+    from oliveflow.errors import StageError
+
+    onnx_result = chain["onnx"]
+    folder = tmp_path / "e"
+    shutil.copytree(onnx_result.artifact.path, folder)
+    graph = onnx.load(str(folder / "model" / "model.onnx"))
+    norm = next(i for i in graph.graph.initializer if "final_norm" in i.name or i.name.endswith("norm.weight"))
+    values = onnx.numpy_helper.to_array(norm).copy()
+    values[:] = np.nan
+    norm.CopyFrom(onnx.numpy_helper.from_array(values, norm.name))
+    onnx.save(graph, str(folder / "model" / "model.onnx"))
+    broken = onnx_result.model_copy(update={"artifact": onnx_result.artifact.model_copy(update={"path": folder})})
+    with pytest.raises(StageError, match="non-finite logits"):
+        smoke_test(broken, chain["base"], chain["data"], chain["template"], SmokeTestConfig(num_samples=1))
+
+
+@pytest.mark.parametrize(("text", "tokens", "reason"), [
+    ("", [2], "empty answer"),
+    ("   ", [5, 2], "empty answer"),
+    (",,,,", [16, 16, 16, 16], "one token (16) repeated 4 times"),
+    ("Visit the old town " + "!" * 12, [7, 8, 9, 10] + [3] * 12, "stuck on token 3"),
+    ("Take the ferry to Manly, then walk the cliffs.", [7, 8, 9, 10, 11, 12, 2], None),
+    ("No no no", [41, 41, 41], None),  # short repeats are words, not a failure
+    ("Ok", [5, 2, 2, 2, 2], None),  # eos padding after the answer is not a repeat
+])
+def test_degenerate_answers_are_recognised(text, tokens, reason):
+    from oliveflow.stages.smoke_test import degenerate
+
+    found = degenerate(text, tokens, eos={2})
+    assert (found is None) if reason is None else (reason in found)
+
+
+def test_smoke_test_scores_rouge_l_against_the_references(smoke_report):
+    from oliveflow.stages.smoke_test import rouge_l
+
+    assert all(s.reference for s in smoke_report.samples)
+    assert 0 <= smoke_report.rouge_l_base <= 1 and 0 < smoke_report.rouge_l_finetuned <= 1
+    assert rouge_l(["the old town at dusk"], ["the old town at dusk"]) == pytest.approx(1.0)
+    assert rouge_l(["zzz"], ["the old town"]) == 0.0
