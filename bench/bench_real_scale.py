@@ -62,7 +62,7 @@ def disk_bytes(*roots: Path) -> int:
     return sum(p.stat().st_size for root in roots if root.exists() for p in root.rglob("*") if p.is_file())
 
 
-def build_model(shape: dict, folder: Path) -> None:
+def build_model(shape: dict, folder: Path, pad_is_bos: bool = False) -> None:
     from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
     from oliveflow.tiny_model import TinyModelParams, build_tiny_model
@@ -72,8 +72,9 @@ def build_model(shape: dict, folder: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_src)
     # A pad token of its own: with pad = bos, transformers zeroes the bos embedding row of random weights
     # (padding_idx), and RMSNorm's gradient at a zero input is 1/sqrt(eps), which blew the fine-tune up.
-    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
-    assert tokenizer.pad_token_id != tokenizer.bos_token_id
+    if not pad_is_bos:  # --pad-is-bos rebuilds the old bench, to show the cause
+        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+        assert tokenizer.pad_token_id != tokenizer.bos_token_id
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = Phi3Config(**shape, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
@@ -88,11 +89,14 @@ def build_model(shape: dict, folder: Path) -> None:
         torch.cuda.empty_cache()
 
 
-def raw_olive_finetune(base_dir: Path, train: Path, template: str, steps: int, out: Path) -> dict:
+def raw_olive_finetune(base_dir: Path, train: Path, template: str, steps: int, out: Path,
+                       special_tokens: bool = False) -> dict:
     """``olive finetune --method lora`` with its defaults on the same base and data; its per-step losses."""
     cmd = ["olive", "finetune", "--method", "lora", "-m", str(base_dir), "-o", str(out), "--data_name", "json",
            "--data_files", str(train), "--text_template", template, "--max_steps", str(steps),
            "--max_seq_len", "1024", "--torch_dtype", "bfloat16", "--disable_telemetry", "--logging_steps", "1"]
+    if special_tokens:  # argparse type=bool: any non-empty value is True, so the flag is only passed to set it
+        cmd += ["--add_special_tokens", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OLIVE_DISABLE_TELEMETRY": "1"})
     losses = [float(x) for x in re.findall(r"'loss': '?([0-9.eE+-]+|nan)'?", proc.stdout + proc.stderr)]
     shutil.rmtree(out, ignore_errors=True)
@@ -113,6 +117,10 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--raw-olive", action="store_true", help="also run `olive finetune` on the same base and data")
+    parser.add_argument("--raw-olive-special-tokens", action="store_true",
+                        help="raw olive with --add_special_tokens (each packed stream starts with bos)")
+    parser.add_argument("--pad-is-bos", action="store_true", help="the old bench's tokenizer: pad = bos")
+    parser.add_argument("--only-finetune", action="store_true", help="stop after the fine-tunes")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -157,7 +165,7 @@ def main() -> None:
         path.mkdir(parents=True)
         return path
 
-    measure("build_base", lambda: build_model(SMALL if args.small else PHI35, base_dir))
+    measure("build_base", lambda: build_model(SMALL if args.small else PHI35, base_dir, args.pad_is_bos))
     base = resolve_model(str(base_dir), qconfig)
     products["quantized"] = measure("quantize", lambda: quantize(base, qconfig, fresh("quantize"), data=data))
     template = resolve_template(data_config, base_dir)
@@ -169,7 +177,12 @@ def main() -> None:
                                 "steps": len(loss), "learning_rate": fconfig.for_model(base.parameters).learning_rate}
     if args.raw_olive:
         results["raw_olive_finetune"] = measure("raw_olive_finetune", lambda: raw_olive_finetune(
-            base_dir, data.train_path, template, args.max_steps, work / "raw-olive"))
+            base_dir, data.train_path, template, args.max_steps, work / "raw-olive", args.raw_olive_special_tokens))
+    if args.only_finetune:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        print(json.dumps(results, indent=1))
+        return
     products["onnx"] = measure("export", lambda: export_onnx(products["quantized"], products["adapter"],
                                                              ExportConfig(), fresh("export")))
     try:  # random weights answer nonsense: the degenerate-output check may rightly refuse them

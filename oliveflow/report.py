@@ -14,6 +14,9 @@ def _one_line(text: str, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+SHOWN_SAMPLES = 3  # the rest are in the MLflow samples table
+
+
 def _num(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -37,8 +40,9 @@ def markdown(result: PipelineResult) -> str:
               f"Smoke test: {'passed' if smoke.passed else 'FAILED'}",
               f"MLflow run: `{result.mlflow_run_id}`; registration: {result.registration}", "",
               f"Model folder: `{result.onnx_model_dir}`  ", f"Adapter: `{result.adapter_file}`", "",
-              "## Samples", "", "| prompt | without adapter | with adapter |", "| --- | --- | --- |"]
-    for sample in result.samples:
-        cells = [_one_line(t).replace("|", "\\|") for t in (sample.prompt, sample.base_answer, sample.finetuned_answer)]
+              "## Samples", "", "| prompt | reference | without adapter | with adapter |", "| --- | --- | --- | --- |"]
+    for sample in result.samples[:SHOWN_SAMPLES]:
+        cells = [_one_line(t).replace("|", "\\|") for t in (sample.prompt, sample.reference, sample.base_answer,
+                                                             sample.finetuned_answer)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -262,9 +262,7 @@ def size_latency_chart(result: PipelineResult):
     """
     from matplotlib.figure import Figure
 
-    smoke = result.smoke
-    fig = Figure(figsize=(11, 3.6), layout="constrained")
-    panels = fig.subplots(1, 3)
+    smoke, adapter = result.smoke, result.adapter
     charts = [
         ("Model size (MB)", ["original", "int4 ONNX"],
          [smoke.size_before_bytes / 1e6, smoke.size_after_bytes / 1e6]),
@@ -273,8 +271,13 @@ def size_latency_chart(result: PipelineResult):
         ("Decode (tokens/s)", ["no adapter", "adapter"],
          [smoke.decode_tokens_per_second_base, smoke.decode_tokens_per_second]),
     ]
+    ppl = [adapter.response_ppl_original, adapter.response_ppl_quantized, adapter.response_ppl_finetuned]
+    if all(v is not None for v in ppl):
+        charts.insert(1, ("Held-out response perplexity", ["original", "int4", "int4 + LoRA"], ppl))
+    fig = Figure(figsize=(3.7 * len(charts), 3.6), layout="constrained")
+    panels = fig.subplots(1, len(charts))
     for ax, (title, labels, values) in zip(panels, charts, strict=True):
-        bars = ax.bar(labels, values, color=["#9aa5b1", "#2f7ed8"])
+        bars = ax.bar(labels, values, color=["#9aa5b1", "#c0c8d0", "#2f7ed8"][-len(values):])
         ax.bar_label(bars, fmt="%.3g")
         ax.margins(y=0.12)  # room for the labels above the bars
         ax.set_title(title)

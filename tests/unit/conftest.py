@@ -37,7 +37,7 @@ def pipeline_result(chain, smoke_report) -> PipelineResult:
     stages = {name: StageRun(name=name, cache=cache, seconds=seconds, output_bytes=chain[key].artifact.size_bytes)
               for name, key, cache, seconds in runs}
     stages["smoke_test"] = StageRun(name="smoke_test", cache="miss", seconds=0.4)
-    return PipelineResult(onnx_model_dir=onnx.model_dir, adapter_file=onnx.adapter_file,
+    return PipelineResult(onnx_model_dir=onnx.model_dir, adapter_file=onnx.adapter_file, template=chain["template"],
                           size_reduction=smoke_report.size_reduction, samples=smoke_report.samples, stages=stages,
                           base_model=chain["base"], quantized=chain["quantized"], adapter=chain["adapter"], onnx=onnx,
                           smoke=smoke_report)

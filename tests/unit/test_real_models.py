@@ -44,4 +44,4 @@ def test_gguf_input_errors_name_the_file(tmp_path):
     junk.write_bytes(b"not a gguf at all")
     with pytest.raises(InputError, match=r"junk.gguf could not be read as a GGUF language model"):
         resolve_model(str(junk), QuantizeConfig())
-    assert not list((real_models._home() / "models").glob(".gguf-*")), "no half-converted folder is left"
+    assert not list((real_models._home() / "models").glob(".gguf-*.tmp-*")), "no half-converted folder is left"

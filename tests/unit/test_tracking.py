@@ -40,7 +40,7 @@ def test_default_store_is_a_fixed_place_not_the_working_folder(monkeypatch, tmp_
 def test_params_are_flattened_with_dotted_names(run_params):
     flat = flatten_params(run_params)
     assert flat["finetune.r"] == "16" and flat["quantize.algorithm"] == "awq"
-    assert flat["smoke_test.max_new_tokens"] == "12" and flat["data.template"] == run_params.data.template
+    assert flat["smoke_test.max_new_tokens"] == "12" and flat["data.template"] == "null"  # empty: the model's own template
     assert flat["finetune.target_modules"] == "null" and flat["model"] == run_params.model
 
 
@@ -105,9 +105,11 @@ def test_artifacts_configs_samples_and_chart(tracked, mlflow_uri, pipeline_resul
     for stage in ("quantize", "finetune", "export"):
         assert "passes" in json.loads(artifact(f"olive_configs/{stage}/olive_config.json").read_text())
     samples = json.loads(artifact("samples.json").read_text())
-    assert samples["columns"] == ["prompt", "base_answer", "finetuned_answer"] and len(samples["data"]) == 2
+    assert samples["columns"] == ["prompt", "reference", "base_answer", "finetuned_answer"]
+    assert len(samples["data"]) == 2
     assert [row[0] for row in samples["data"]] == [s.prompt for s in pipeline_result.samples]
-    assert [row[2] for row in samples["data"]] == [s.finetuned_answer for s in pipeline_result.samples]
+    assert [row[1] for row in samples["data"]] == [s.reference for s in pipeline_result.samples]
+    assert [row[3] for row in samples["data"]] == [s.finetuned_answer for s in pipeline_result.samples]
     chart = artifact("charts/size_latency.png").read_bytes()
     assert chart[:8] == b"\x89PNG\r\n\x1a\n" and len(chart) > 5000
     result = json.loads(artifact("pipeline_result.json").read_text())
