@@ -320,7 +320,14 @@ def main(argv: list[str] | None = None) -> int:
         print("deploy: PREFECT_API_URL is not set; start a server (prefect server start) and export "
               "PREFECT_API_URL=http://HOST:4200/api", file=sys.stderr)
         return 2
-    ids = apply(site)
+    import httpx
+
+    try:
+        ids = apply(site)
+    except httpx.TransportError as exc:
+        print(f"deploy: cannot reach the Prefect server at {PREFECT_API_URL.value()} ({type(exc).__name__}: {exc}); "
+              "start it (prefect server start) or fix PREFECT_API_URL", file=sys.stderr)
+        return 2
     for name, deployment_id in ids.items():
         print(f"{FLOW_NAME}/{name}\t{deployment_id}")
     for host, commands in worker_commands(site).items():

@@ -16,6 +16,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.runtime import deployment
 
 from oliveflow.config import PipelineParams, overlay
+from oliveflow.errors import ServiceError
 from oliveflow.output import check_output_dir, publish
 from oliveflow.report import markdown
 from oliveflow.results import PipelineResult
@@ -102,5 +103,45 @@ def pipeline(params: PipelineParams = PipelineParams()) -> PipelineResult:
     return result
 
 
+# Prefect gives its temporary server 20 s; a fresh $PREFECT_HOME on a busy 2-core machine (load ~6) missed that
+# (it also creates its database then). Local runs get this budget unless the user set one.
+STARTUP_BUDGET_SECONDS = 300
+_STARTUP_FAILURE = "ephemeral Prefect API server"
+
+
+def run_local(params: PipelineParams | None = None) -> PipelineResult:
+    """``pipeline(params)`` as a local run starts it: a start-up budget sized for a slow machine, one retry if the
+    temporary Prefect server still does not come up, then one line saying what to do."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
+    params = params or PipelineParams()
+    user_set = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in os.environ or PREFECT_API_URL.value()
+    budget = {} if user_set else {PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: STARTUP_BUDGET_SECONDS}
+    with temporary_settings(updates=budget):
+        for attempt in (1, 2):
+            try:
+                return pipeline(params)
+            except RuntimeError as exc:  # raised before the flow run exists: retrying cannot run anything twice
+                if _STARTUP_FAILURE not in str(exc):
+                    raise
+                _stop_temporary_server()  # the half-started one would outlive this process otherwise
+                if attempt == 2:
+                    seconds = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+                    raise ServiceError(
+                        f"Prefect's temporary API server did not start within {seconds} s, twice (a busy machine?); "
+                        "raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or start a server (prefect server "
+                        "start) and export PREFECT_API_URL=http://127.0.0.1:4200/api") from None
+    raise AssertionError("unreachable")
+
+
+def _stop_temporary_server() -> None:
+    from prefect.server.api.server import SubprocessASGIServer
+
+    SubprocessASGIServer().stop()  # the singleton the ephemeral client started
+
+
 if __name__ == "__main__":
-    print(markdown(pipeline()))
+    try:
+        print(markdown(run_local()))
+    except ServiceError as error:
+        raise SystemExit(f"pipeline: error: {error}") from None

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from oliveflow.config import PipelineParams
-from oliveflow.errors import InputError, StageError
+from oliveflow.errors import InputError, ServiceError, StageError
 
 STAGES = ("validate_data", "quantize", "finetune", "export", "smoke_test")
 
@@ -74,12 +74,12 @@ def _preflight(params: PipelineParams) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     params = build_params(args)
     _preflight(params)
-    from flows.pipeline import pipeline
+    from flows.pipeline import run_local
     from oliveflow.report import markdown
 
     # Libraries (Olive, ModelBuilder) print progress to stdout; keep it for the summary alone.
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-        result = pipeline(params)
+        result = run_local(params)
     if args.json:
         summary = {
             "onnx_model_dir": str(result.onnx_model_dir),
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ValidationError as exc:
         print(f"oliveflow: error: {_one_line(exc)}", file=sys.stderr)
-    except (InputError, StageError) as exc:
+    except (InputError, StageError, ServiceError) as exc:
         print(f"oliveflow: error: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
         print("oliveflow: interrupted", file=sys.stderr)

@@ -7,3 +7,7 @@ class InputError(ValueError):
 
 class StageError(RuntimeError):
     """A stage ran but produced no usable output (Olive's exit-0 failures end up here)."""
+
+
+class ServiceError(RuntimeError):
+    """A service the run needs (the Prefect API, a tracking server) is not reachable; the message says what to do."""
