@@ -135,6 +135,14 @@ class QuantLinearLora(torch.nn.Module, LoraLayer):
         return "lora." + super().__repr__()
 
 
+def _training_seed(config: Any) -> int:
+    args = config.training_args
+    seed = getattr(args, "seed", None)
+    if seed is None and args is not None:
+        seed = (getattr(args, "extra_args", None) or {}).get("seed")
+    return int(seed or 0)
+
+
 class _TrainableOliveHfQuantizer(OliveHfQuantizer):
     @property
     def is_trainable(self) -> bool:
@@ -163,6 +171,11 @@ class QuantLoRA(LoRA):
             # Olive marks its quantizer untrainable because PEFT had no layer for QuantLinear;
             # QuantLinearLora is that layer, so transformers.Trainer may proceed.
             quantizer.__class__ = _TrainableOliveHfQuantizer
+        # Olive builds the LoRA layers before the Trainer seeds anything, so lora_A started from whatever the
+        # global RNG held: two identical runs gave different adapters. Seed it with the run's training seed.
+        from transformers import set_seed
+
+        set_seed(_training_seed(config))
         return get_peft_model(dequantize_once(model), lora_config)
 
     def train_and_save_new_model(self, model, tokenizer, config, output_model, output_model_path):
@@ -185,7 +198,16 @@ class QuantLoRA(LoRA):
             output = super().train_and_save_new_model(model, tokenizer, config, output_model, output_model_path)
         finally:
             transformers.Trainer.train = original_train
-        (Path(output_model_path) / "adapter" / LOG_HISTORY).write_text(json.dumps(history, indent=1))
+        adapter = Path(output_model_path) / "adapter"
+        # Timings would make two identical trainings' artifacts differ; the losses are what is kept.
+        steps = [{k: v for k, v in entry.items() if not k.endswith(("_runtime", "_per_second"))} for entry in history]
+        (adapter / LOG_HISTORY).write_text(json.dumps(steps, indent=1))
+        # PEFT saves target_modules from a set, in an order that changes with the interpreter's hash seed.
+        config_file = adapter / "adapter_config.json"
+        adapter_config = json.loads(config_file.read_text())
+        if isinstance(adapter_config.get("target_modules"), list):
+            adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
+        config_file.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
         return output
 
 

@@ -83,9 +83,12 @@ def run_workflow(config: dict[str, Any], stage_dir: Path, stage: str) -> Path:
 
     work = stage_dir / WORK_DIR
     work.mkdir(parents=True, exist_ok=True)
-    config = {**config, "output_dir": str(work / "output"), "cache_dir": str(work / "cache")}
     package = olive_ext.package_config()
-    (stage_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
+    # Saved with paths relative to the stage folder (re-run it from there): an absolute temp path would make two
+    # identical runs' artifacts differ.
+    saved = {**config, "output_dir": f"{WORK_DIR}/output", "cache_dir": f"{WORK_DIR}/cache"}
+    (stage_dir / CONFIG_FILE).write_text(json.dumps(saved, indent=2, default=str))
+    config = {**config, "output_dir": str(work / "output"), "cache_dir": str(work / "cache")}
     (stage_dir / PACKAGE_FILE).write_text(json.dumps(package, indent=2))
 
     with _collect_olive_errors() as errors:
