@@ -12,7 +12,11 @@ adapter is trained against exactly the int4 grid that ends up in the ONNX graph:
   modules instead of calling ``PeftModel.from_pretrained`` on an object that is no
   ``nn.Module``. Base codes are copied, never re-quantized.
 
-``package_config()`` is Olive's pass table with both added; workflow configs name them by type.
+Also registered: the ``oliveflow_sft`` data component (this project's SFT transform, ``oliveflow.sft``),
+which feeds ``QuantLoRA``. ``QuantLoRA`` dequantizes each frozen ``QuantLinear`` once (``dequantize_once``),
+seeds the LoRA init, and stops at the first non-finite loss or gradient norm (``FiniteCheck``).
+
+``package_config()`` is Olive's pass table with these passes added; workflow configs name them by type.
 """
 
 from __future__ import annotations
