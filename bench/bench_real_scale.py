@@ -139,7 +139,7 @@ def main() -> None:
     data_config = DataConfig()
     data = validate_data(data_config)
     qconfig = QuantizeConfig(algorithm=args.quantize, group_size=args.group_size)
-    # The lab's LoRA shape (r 64, alpha 16) at the learning rate lora_defaults picks for a model this size.
+    # The lab's LoRA shape (r 64, alpha 16) at the learning rate LORA_DEFAULTS picks for a model this size.
     fconfig = FinetuneConfig(r=64, alpha=16, batch_size=8, max_seq_len=1024, max_steps=args.max_steps,
                              gradient_checkpointing=args.gradient_checkpointing)
     results: dict = {"stages": {}}

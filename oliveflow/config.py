@@ -102,7 +102,7 @@ class QuantizeConfig(_Config):
 class FinetuneConfig(_Config):
     r: int = Field(16, ge=1, description="LoRA rank.")
     alpha: float | None = Field(None, gt=0, description="LoRA alpha (update scale is alpha / r). Empty: chosen by "
-                                                     "model size (see lora_defaults).")
+                                                     "model size (2 x r).")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
     target_modules: list[str] | None = Field(
         None, description="Module names to adapt; empty uses Olive's default for the architecture.")
@@ -111,7 +111,7 @@ class FinetuneConfig(_Config):
                                 "placeholder; the prompt is context only) or all.")
     max_steps: int = Field(100, ge=1, description="Optimizer steps.")
     learning_rate: float | None = Field(None, gt=0, description="AdamW learning rate. Empty: chosen by model size "
-                                                               "(see lora_defaults).")
+                                                               "(see LORA_DEFAULTS).")
     batch_size: int = Field(8, ge=1, description="Examples per step.")
     max_seq_len: int = Field(128, ge=16, description="Token length examples are packed or cut to.")
     seed: int = Field(0, description="Training seed.")
@@ -121,23 +121,19 @@ class FinetuneConfig(_Config):
 
 
     def for_model(self, parameters: int) -> FinetuneConfig:
-        """This config with the fields left empty filled by ``lora_defaults`` for a model of that size."""
-        defaults = lora_defaults(parameters)
-        return self.model_copy(update={
-            "learning_rate": self.learning_rate or defaults["learning_rate"],
-            "alpha": self.alpha or defaults["alpha_scale"] * self.r})
+        """This config with learning rate and alpha, where left empty, chosen for a model of that size."""
+        return self.model_copy(update={"learning_rate": self.learning_rate or lora_learning_rate(parameters),
+                                       "alpha": self.alpha or ALPHA_PER_RANK * self.r})
 
 
-# (largest parameter count, learning rate, alpha / r): measured, see README "LoRA defaults".
-LORA_DEFAULTS = ((50e6, 2e-3, 2.0), (2e9, 5e-4, 2.0), (float("inf"), 2e-4, 2.0))
+# (largest parameter count, learning rate): measured, see README "LoRA defaults by model size".
+LORA_DEFAULTS = ((50e6, 2e-3), (2e9, 5e-4), (float("inf"), 2e-4))
+ALPHA_PER_RANK = 2  # update scale alpha / r, the same at every size
 
 
-def lora_defaults(parameters: int) -> dict:
-    """Learning rate and alpha for a model of ``parameters`` weights (the rank stays as set)."""
-    for upper, lr, scale in LORA_DEFAULTS:
-        if parameters <= upper:
-            return {"learning_rate": lr, "alpha_scale": scale}
-    raise AssertionError("unreachable")
+def lora_learning_rate(parameters: int) -> float:
+    """The default LoRA learning rate for a model of ``parameters`` weights."""
+    return next(lr for upper, lr in LORA_DEFAULTS if parameters <= upper)
 
 
 class ExportConfig(_Config):

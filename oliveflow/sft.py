@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Literal
 
 IGNORE_INDEX = -100
@@ -63,7 +63,6 @@ class EncodeStats:
     examples: int = 0
     truncated: int = 0
     dropped: int = 0  # no response token left after the cut
-    lengths: list[int] = field(default_factory=list)
 
     def warning(self, max_seq_len: int) -> str | None:
         if not self.truncated:
@@ -97,7 +96,6 @@ def encode_example(tokenizer: Any, template: str, row: dict, max_seq_len: int, l
     ids = prompt + response
     if stats is not None:
         stats.examples += 1
-        stats.lengths.append(len(ids))
     if len(ids) > max_seq_len:
         ids = ids[:max_seq_len]
         if stats is not None:

@@ -25,6 +25,7 @@ from urllib.parse import urlparse
 from pydantic import BaseModel, ConfigDict, Field
 
 from oliveflow.config import REPO_ROOT, oliveflow_home, template_fields
+from oliveflow.sft import split_template
 from oliveflow.hashing import config_sha256
 from oliveflow.results import BaseModelRef, DataReport, PipelineResult
 
@@ -297,8 +298,7 @@ def prompt_template(template: str) -> tuple[str, str] | None:
     fields = template_fields(template)
     if len(fields) != 2:
         return None
-    head = template[: template.rindex("{" + fields[-1])]
-    return head, fields[0]
+    return split_template(template)[0], fields[0]
 
 
 # ---- logging ----

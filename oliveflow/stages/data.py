@@ -8,7 +8,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from oliveflow.config import DEFAULT_TEMPLATE, DataConfig
+from oliveflow.config import DEFAULT_TEMPLATE, DataConfig, template_fields
 from oliveflow.errors import InputError
 from oliveflow.hashing import file_sha256
 from oliveflow.results import DataReport
@@ -48,8 +48,6 @@ def read_examples(path: Path, fields: list[str], shown: str | Path | None = None
 
 def prompt_and_reference(template: str, row: dict) -> tuple[str, str]:
     """Split a rendered example at the template's last placeholder: (prompt to generate from, reference)."""
-    from oliveflow.config import template_fields
-
     head, _ = split_template(template)
     return render(head, row), str(row[template_fields(template)[-1]])
 

@@ -11,6 +11,7 @@ import ast
 import functools
 import importlib.util
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -149,12 +150,7 @@ def count_parameters(folder: Path) -> int:
     for file in folder.glob("*.safetensors"):
         with open(file, "rb") as f:
             header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-        for name, entry in header.items():
-            if name != "__metadata__":
-                count = 1
-                for dim in entry["shape"]:
-                    count *= dim
-                total += count
+        total += sum(math.prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__")
     return total
 
 

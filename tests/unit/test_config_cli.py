@@ -90,3 +90,14 @@ def test_a_runs_changes_overlay_its_deployments_defaults_at_every_depth():
     assert overlay({}, run) is run
     # A value the run sets explicitly wins even when it equals the flow's own default.
     assert overlay(deployment, PipelineParams.model_validate({"finetune": {"max_steps": 100}})).finetune.max_steps == 100
+
+
+def test_lora_rate_and_alpha_follow_the_model_size_unless_set():
+    from oliveflow.config import FinetuneConfig
+
+    assert FinetuneConfig().for_model(850_000).learning_rate == 2e-3
+    assert FinetuneConfig().for_model(134_515_008).learning_rate == 5e-4
+    assert FinetuneConfig().for_model(3_821_079_552).learning_rate == 2e-4
+    assert FinetuneConfig(r=8).for_model(10**8).alpha == 16
+    chosen = FinetuneConfig(learning_rate=1e-4, alpha=4).for_model(10**8)
+    assert (chosen.learning_rate, chosen.alpha) == (1e-4, 4)
