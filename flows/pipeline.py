@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 from uuid import UUID
 
 from prefect import flow, get_client, get_run_logger
@@ -120,6 +121,8 @@ def run_local(params: PipelineParams | None = None) -> PipelineResult:
     with temporary_settings(updates=budget):
         for attempt in (1, 2):
             try:
+                if not PREFECT_API_URL.value():
+                    _start_temporary_server()
                 return pipeline(params)
             except RuntimeError as exc:  # raised before the flow run exists: retrying cannot run anything twice
                 if _STARTUP_FAILURE not in str(exc):
@@ -132,6 +135,20 @@ def run_local(params: PipelineParams | None = None) -> PipelineResult:
                         "raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or start a server (prefect server "
                         "start) and export PREFECT_API_URL=http://127.0.0.1:4200/api") from None
     raise AssertionError("unreachable")
+
+
+def _start_temporary_server() -> None:
+    """Start this process's temporary Prefect server (the flow then uses it), one process at a time per
+    $PREFECT_HOME: the first server of a fresh home creates its database, and a second server started meanwhile
+    migrated the half-made tables too (``NoSuchTableError``, ``table ... already exists``)."""
+    from filelock import FileLock
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_HOME
+
+    home = Path(PREFECT_HOME.value()).expanduser()
+    home.mkdir(parents=True, exist_ok=True)
+    with FileLock(home / ".oliveflow-server-start.lock"):
+        SubprocessASGIServer().start()
 
 
 def _stop_temporary_server() -> None:

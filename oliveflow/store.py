@@ -16,24 +16,27 @@ hash before they are renamed into the local copy.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
-import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TypeVar
 
+from filelock import FileLock, Timeout
 from pydantic import BaseModel
 
-from oliveflow.errors import InputError
-from oliveflow.hashing import tree_files, tree_sha256, tree_size
+from oliveflow.errors import InputError, StageError
+from oliveflow.hashing import file_sha256, tree_files, tree_sha256, tree_size
 from oliveflow.results import Artifact
 
 MANIFEST = "oliveflow-manifest.json"
+RESULT_FILE = "oliveflow-result.json"
 R = TypeVar("R", bound=BaseModel)
 log = logging.getLogger(__name__)
 _BAR_BYTES = 64 << 20  # files at least this big get a progress bar while they travel
@@ -98,9 +101,20 @@ class ArtifactStore:
 
     @contextlib.contextmanager
     def write(self, stage: str, key: str) -> Iterator[Path]:
-        """Yield an empty temp folder; when the block succeeds it becomes the artifact for ``key``."""
-        with atomic_dir(self.path(stage, key)) as tmp:
-            yield tmp
+        """Yield an empty temp folder; when the block succeeds it becomes the artifact for ``key``.
+
+        A block that fails because the disk is full (whatever the library's own error says) raises one
+        StageError saying so; the temp folder is removed either way."""
+        try:
+            with atomic_dir(self.path(stage, key)) as tmp:
+                try:
+                    yield tmp
+                except Exception as exc:
+                    _raise_if_disk_full(exc, tmp, stage)  # checked while the partial output still fills the disk
+                    raise
+        except OSError as exc:  # the manifest or the rename
+            _raise_if_disk_full(exc, self.root, stage)
+            raise
         if self.fs is not None:
             self._upload(stage, key)
 
@@ -112,7 +126,7 @@ class ArtifactStore:
             manifest = json.loads((folder / MANIFEST).read_text())
         except (OSError, ValueError):
             return None
-        if verify and tree_sha256(folder, exclude=frozenset({MANIFEST})) != manifest.get("sha256"):
+        if verify and not _matches(folder, manifest):
             return None
         return Artifact(path=folder, sha256=manifest["sha256"], size_bytes=manifest["size_bytes"])
 
@@ -149,23 +163,49 @@ class ArtifactStore:
 
     def _download(self, stage: str, key: str, manifest: dict) -> Artifact | None:
         source, final = self._remote_files(stage, key, manifest["sha256"]), self.path(stage, key)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".get-{key[:12]}-", dir=final.parent))
-        try:
+        with scratch_dir(final.parent, f".get-{key[:12]}-") as tmp:
             for remote in self.fs.find(source, detail=True).values():
                 rel = remote["name"][len(source.rstrip("/")) + 1:]
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 self.fs.get_file(remote["name"], str(tmp / rel), callback=_bar(f"download {stage}/{rel}",
                                                                                 remote.get("size") or 0))
-            if tree_sha256(tmp) != manifest.get("sha256"):
+            if not _matches(tmp, manifest):
                 log.warning("%s/%s on %s does not match its manifest; treating it as missing", stage, key[:12],
                             self.location)
                 return None
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
             _replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return self._local(stage, key, verify=False)
+
+
+def content_sha256(folder: Path) -> str:
+    """An artifact's content hash: its output files. The stage's result record beside them holds measurements
+    (seconds, latencies) that differ between identical runs, so it is checked by its own hash instead."""
+    return tree_sha256(folder, exclude=frozenset({MANIFEST, RESULT_FILE}))
+
+
+def _matches(folder: Path, manifest: dict) -> bool:
+    record = manifest.get("result_sha256")
+    return content_sha256(folder) == manifest.get("sha256") and (
+        record is None or (folder / RESULT_FILE).is_file() and file_sha256(folder / RESULT_FILE) == record)
+
+
+_LOW_SPACE = 64 << 20
+
+
+def _raise_if_disk_full(exc: BaseException, where: Path, stage: str) -> None:
+    """A StageError when ``exc`` came from a full disk: an ENOSPC/EDQUOT anywhere in its chain, or (for
+    libraries that hide the OSError, such as torch.save) less than 64 MiB left where the output was written."""
+    cause, full = exc, False
+    while cause is not None and not full:
+        full = isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)
+        cause = cause.__cause__ or cause.__context__
+    free = shutil.disk_usage(where).free
+    if full or free < _LOW_SPACE:
+        raise StageError(f"{stage}: the disk holding {where} is full ({free / 1e6:.1f} MB free; "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}); the partial "
+                         "output was removed. Free space (oliveflow cache prune --apply) or point "
+                         "OLIVEFLOW_ARTIFACT_STORE at a larger disk") from exc
 
 
 def _bar(description: str, size: int):
@@ -181,28 +221,80 @@ def _bar(description: str, size: int):
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield an empty temp folder beside ``final``; on success it replaces ``final`` (with a manifest)."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name[:12]}-", dir=final.parent))
-    try:
+    with scratch_dir(final.parent, f".tmp-{final.name[:12]}-") as tmp:
         yield tmp
-        content = tree_sha256(tmp)
+        record = tmp / RESULT_FILE
         (tmp / MANIFEST).write_text(json.dumps(
-            {"sha256": content, "size_bytes": tree_size(tmp), "created": time.time()}, indent=1))
+            {"sha256": content_sha256(tmp), "size_bytes": tree_size(tmp), "created": time.time(),
+             "result_sha256": file_sha256(record) if record.exists() else None}, indent=1))
         _replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _replace(tmp: Path, final: Path) -> None:
     if final.exists():
         # A stale or damaged artifact under the same name: move it aside, then drop it.
-        trash = Path(tempfile.mkdtemp(prefix=f".old-{final.name[:12]}-", dir=final.parent))
-        os.replace(final, trash / "old")
-        shutil.rmtree(trash, ignore_errors=True)
+        with scratch_dir(final.parent, f".old-{final.name[:12]}-") as trash:
+            os.replace(final, trash / "old")
     os.replace(tmp, final)
 
 
-RESULT_FILE = "oliveflow-result.json"
+# Scratch folders beside artifacts: writes in progress, downloads, artifacts being dropped.
+SCRATCH_PREFIXES = (".tmp-", ".get-", ".old-")
+
+
+@contextlib.contextmanager
+def scratch_dir(parent: Path, prefix: str) -> Iterator[Path]:
+    """A new folder in ``parent``, removed when the block ends, and held meanwhile by an OS lock beside it
+    (``<folder>.lock``). The kernel drops the lock when this process dies, however it dies, so a folder whose
+    lock is free was left by a killed run: the next scratch folder made in ``parent`` sweeps it away."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    sweep_scratch(parent)
+    folder = parent / f"{prefix}{uuid.uuid4().hex[:12]}"
+    lock = FileLock(f"{folder}.lock", thread_local=False)
+    try:
+        with lock:  # taken before the folder exists: a sweeper never sees it unheld
+            folder.mkdir()
+            try:
+                yield folder
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        Path(f"{folder}.lock").unlink(missing_ok=True)
+
+
+def stale_scratch(parent: Path) -> list[Path]:
+    """Scratch folders (and their lock files) in ``parent`` that no living process holds."""
+    stale = []
+    for path in sorted(Path(parent).glob(".*")):
+        folder = Path(str(path).removesuffix(".lock"))
+        if not folder.name.startswith(SCRATCH_PREFIXES) or (path != folder and folder.exists()):
+            continue  # not scratch, or a lock file whose folder is judged on its own
+        lock = FileLock(f"{folder}.lock", thread_local=False)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            continue  # a living writer holds it
+        lock.release()
+        stale.append(path)
+    return stale
+
+
+def sweep_scratch(parent: Path) -> int:
+    """Remove what killed runs left in ``parent``; returns the bytes freed."""
+    freed = 0
+    for path in stale_scratch(parent):
+        freed += tree_size(path) if path.exists() else 0
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            Path(f"{path}.lock").unlink(missing_ok=True)
+        else:
+            path.unlink(missing_ok=True)
+    if freed:
+        log.info("removed %.1f MB left in %s by a run that was killed", freed / 1e6, parent)
+    return freed
+
+
 
 
 def load_result(folder: Path, result_type: type[R]) -> R:

@@ -4,66 +4,90 @@ Both are safe against runs that die while holding a lock."""
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import threading
 from pathlib import Path
 
-from prefect.locking.filesystem import FileSystemLockManager
+import anyio.to_thread
+from filelock import FileLock, Timeout
 from prefect_redis.locking import RedisLockManager
 from redis.exceptions import LockError
 
 from oliveflow.config import oliveflow_home
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+class HostLockManager:
+    """Cache locks for the processes of one host: one OS file lock (``flock``) per cache key.
 
-
-class ProcessAwareLockManager(FileSystemLockManager):
-    """File locks that a dead process cannot hold forever.
-
-    Prefect takes cache locks with no expiry, so a run killed mid-stage (SIGKILL, OOM killer, a lost
-    machine) would block every later run of that stage. Each lock gets an owner file (host, pid); a lock
-    whose owner process on this host is gone counts as free. Locks held from other hosts are trusted.
+    Prefect's own FileSystemLockManager writes a JSON lock file in two steps, so a process that reads it
+    meanwhile fails (``EOF while parsing``), and a run killed mid-stage leaves it held forever. An OS lock is
+    taken atomically and is released by the kernel when its process dies, however it dies (SIGKILL, the OOM
+    killer): the next run that needs the stage computes it. Lock files stay behind, empty and unlocked.
     """
+
+    def __init__(self, lock_files_directory: Path) -> None:
+        self.lock_files_directory = Path(lock_files_directory).expanduser().resolve()
+        self._held: dict[str, tuple[str, FileLock]] = {}
+
+    def __getstate__(self) -> dict:
+        return {"lock_files_directory": self.lock_files_directory}  # held locks never travel
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["lock_files_directory"])
+
+    def _file_lock(self, key: str) -> FileLock:
+        self.lock_files_directory.mkdir(parents=True, exist_ok=True)
+        # A new descriptor per FileLock: two threads of one process exclude each other too.
+        return FileLock(self.lock_files_directory / f"{key}.lock", thread_local=False)
 
     def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
                      hold_timeout: float | None = None) -> bool:
-        acquired = super().acquire_lock(key, holder, acquire_timeout, hold_timeout)
-        if acquired:
-            self._owner_file(key).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
-        return acquired
+        # hold_timeout is not needed: the lock ends with its process.
+        if self.is_lock_holder(key, holder):
+            return True
+        lock = self._file_lock(key)
+        try:
+            lock.acquire(timeout=-1 if acquire_timeout is None else acquire_timeout)
+        except Timeout:
+            return False
+        self._held[key] = (holder, lock)
+        return True
+
+    async def aacquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
+                            hold_timeout: float | None = None) -> bool:
+        return await anyio.to_thread.run_sync(self.acquire_lock, key, holder, acquire_timeout, hold_timeout)
 
     def release_lock(self, key: str, holder: str) -> None:
-        super().release_lock(key, holder)
-        self._owner_file(key).unlink(missing_ok=True)
+        if not self.is_lock_holder(key, holder):
+            raise ValueError(f"No lock held by {holder} for transaction with key {key}")
+        self._held.pop(key)[1].release()
 
-    def is_locked(self, key: str, use_cache: bool = False) -> bool:
-        if super().is_locked(key, use_cache) and not self._owner_is_dead(key):
+    def is_locked(self, key: str) -> bool:
+        if key in self._held:
             return True
-        if Path(self._lock_path_for_key(key)).exists() and self._owner_is_dead(key):
-            Path(self._lock_path_for_key(key)).unlink(missing_ok=True)
-            self._owner_file(key).unlink(missing_ok=True)
-            self._locks.pop(key, None)
+        probe = self._file_lock(key)
+        try:
+            probe.acquire(timeout=0)
+        except Timeout:
+            return True
+        probe.release()
         return False
 
-    def _owner_file(self, key: str) -> Path:
-        return Path(self._lock_path_for_key(key)).with_suffix(".owner")
+    def is_lock_holder(self, key: str, holder: str) -> bool:
+        held = self._held.get(key)
+        return held is not None and held[0] == holder
 
-    def _owner_is_dead(self, key: str) -> bool:
+    def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        probe = self._file_lock(key)
         try:
-            owner = json.loads(self._owner_file(key).read_text())
-        except (OSError, ValueError):
-            return False  # no owner recorded (yet): trust the lock
-        return owner.get("host") == socket.gethostname() and not _alive(int(owner["pid"]))
+            probe.acquire(timeout=-1 if timeout is None else timeout)
+        except Timeout:
+            return False
+        probe.release()
+        return True
+
+    async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        return await anyio.to_thread.run_sync(self.wait_for_lock, key, timeout)
 
 
 class LeasedRedisLockManager(RedisLockManager):
@@ -109,10 +133,10 @@ class LeasedRedisLockManager(RedisLockManager):
                 return
 
 
-def lock_manager() -> FileSystemLockManager | LeasedRedisLockManager:
+def lock_manager() -> HostLockManager | LeasedRedisLockManager:
     """``$OLIVEFLOW_LOCK_URL`` (redis://...) for workers on several hosts, else file locks in
     ``$OLIVEFLOW_LOCK_DIR`` (default ``$OLIVEFLOW_HOME/locks``), a folder every process on the host must share."""
     url = os.environ.get("OLIVEFLOW_LOCK_URL", "").strip()
     if url:
         return LeasedRedisLockManager(url, float(os.environ.get("OLIVEFLOW_LOCK_LEASE_SECONDS", "60")))
-    return ProcessAwareLockManager(Path(os.environ.get("OLIVEFLOW_LOCK_DIR") or oliveflow_home() / "locks"))
+    return HostLockManager(Path(os.environ.get("OLIVEFLOW_LOCK_DIR") or oliveflow_home() / "locks"))

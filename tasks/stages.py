@@ -10,9 +10,12 @@ the small manifests in ``oliveflow.results``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,6 +38,7 @@ from oliveflow.store import RESULT_FILE, ArtifactStore, load_result
 from tasks.locking import lock_manager
 
 R = TypeVar("R", bound=BaseModel)
+log = logging.getLogger(__name__)
 
 
 def _transient(task, task_run, state) -> bool:
@@ -164,11 +168,16 @@ def run_cached(task_fn, store: ArtifactStore, stage: str, key: str, **kwargs: An
     artifact, no computation) or "miss".
     """
     started = time.perf_counter()  # the stage's time includes checking (and for a URL store, fetching) its artifact
-    intact = store.lookup(stage, key) is not None
-    # Force a recompute only when Prefect holds a record whose artifact is gone or altered. With no record,
-    # the SERIALIZABLE transaction decides: a run that waited for another process computing the same key
-    # gets that process's record (state "Cached") instead of computing the stage again.
-    refresh = not intact and _has_record(task_fn, key)
+    # Checked under the key's lock: a process computing this stage holds it until its record is written, so
+    # no record is read half-written, and a record that cannot be read is damage, not a race.
+    with _key_lock(key):
+        intact = store.lookup(stage, key) is not None
+        record = _record(task_fn, key)
+    # Force a recompute when Prefect holds a record that cannot be read, or one whose artifact is gone or
+    # altered (an intact artifact makes the "recompute" a read of it). With no record, the SERIALIZABLE
+    # transaction decides: a run that waited for another process computing the same key gets that process's
+    # record (state "Cached") instead of computing the stage again.
+    refresh = record == "unreadable" or (record == "readable" and not intact)
     state = task_fn.with_options(refresh_cache=refresh)(key=key, store_url=store.location, return_state=True,
                                                         **kwargs)
     result = state.result()
@@ -182,5 +191,24 @@ def run_cached(task_fn, store: ArtifactStore, stage: str, key: str, **kwargs: An
                             output_bytes=result.artifact.size_bytes if result.artifact else 0)
 
 
-def _has_record(task_fn, key: str) -> bool:
-    return get_result_store().update_for_task(task_fn, _sync=True).exists(key)
+@contextlib.contextmanager
+def _key_lock(key: str) -> Iterator[None]:
+    manager, holder = CACHE_POLICY.lock_manager, f"check-{uuid.uuid4()}"
+    manager.acquire_lock(key, holder=holder)
+    try:
+        yield
+    finally:
+        manager.release_lock(key, holder=holder)
+
+
+def _record(task_fn, key: str) -> str:
+    """Prefect's cache record for ``key``: "none", "readable", or "unreadable" (truncated, altered, foreign)."""
+    records = get_result_store().update_for_task(task_fn, _sync=True)
+    if not records.exists(key):
+        return "none"
+    try:
+        records.read(key)
+    except Exception as exc:  # whatever the damage, the stage's store artifact is the truth: recompute the record
+        log.warning("the cache record for %s cannot be read (%s); it is recomputed", key[:12], str(exc)[:200])
+        return "unreadable"
+    return "readable"

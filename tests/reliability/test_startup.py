@@ -5,7 +5,6 @@ Part of the reliability issue: only the start-up items are here so far.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -14,17 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-OLIVEFLOW = [sys.executable, "-m", "oliveflow.cli"]
-QUICK = ["--quantize", "rtn", "--max-steps", "2", "--param", "smoke_test.num_samples=1",
-         "--param", "smoke_test.max_new_tokens=4", "--param", "tracking.enabled=false",
-         "--param", "registry.backend=none"]
-
-
-def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect"), OLIVEFLOW_HOME=str(tmp_path / "home"), **extra)
-    return env
+from runs import OLIVEFLOW, QUICK, REPO, run_env as _env
 
 
 def _temporary_servers(prefect_home: Path) -> list[psutil.Process]:
@@ -60,17 +49,6 @@ def test_deploy_against_a_server_that_is_down_is_one_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [done.stderr.strip()], done.stderr[-2000:]
     assert "cannot reach the Prefect server at http://127.0.0.1:9/api" in done.stderr
-
-
-@pytest.fixture
-def busy_machine():
-    """Bounded busy loops on every core (twice over), stopped by the test; each ends on its own after 10 min."""
-    loop = "import time\nend = time.time() + 600\nwhile time.time() < end:\n    pass\n"
-    procs = [subprocess.Popen([sys.executable, "-c", loop]) for _ in range(2 * (os.cpu_count() or 1))]
-    yield procs
-    for proc in procs:
-        proc.kill()
-        proc.wait()
 
 
 def test_a_cold_run_succeeds_on_a_busy_machine(busy_machine, tiny_model_dir, tmp_path):
