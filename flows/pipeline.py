@@ -127,13 +127,16 @@ def run_local(params: PipelineParams | None = None) -> PipelineResult:
             except RuntimeError as exc:  # raised before the flow run exists: retrying cannot run anything twice
                 if _STARTUP_FAILURE not in str(exc):
                     raise
-                _stop_temporary_server()  # the half-started one would outlive this process otherwise
                 if attempt == 2:
                     seconds = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
                     raise ServiceError(
                         f"Prefect's temporary API server did not start within {seconds} s, twice (a busy machine?); "
                         "raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or start a server (prefect server "
                         "start) and export PREFECT_API_URL=http://127.0.0.1:4200/api") from None
+            finally:
+                # Stopped here, not at exit: a half-started server would outlive the process, and a running
+                # one's goodbye would be printed after the run's last line.
+                _stop_temporary_server()
     raise AssertionError("unreachable")
 
 
@@ -152,7 +155,12 @@ def _start_temporary_server() -> None:
 
 
 def _stop_temporary_server() -> None:
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
     from prefect.server.api.server import SubprocessASGIServer
+
+    for worker in (APILogWorker, EventsWorker):  # what they still hold goes to the server before it stops
+        worker.drain_all(timeout=10)
 
     SubprocessASGIServer().stop()  # the singleton the ephemeral client started
 

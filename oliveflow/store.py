@@ -110,10 +110,10 @@ class ArtifactStore:
                 try:
                     yield tmp
                 except Exception as exc:
-                    _raise_if_disk_full(exc, tmp, stage)  # checked while the partial output still fills the disk
+                    _raise_if_disk_full(exc, tmp, stage, self.root)  # while the partial output still fills it
                     raise
         except OSError as exc:  # the manifest or the rename
-            _raise_if_disk_full(exc, self.root, stage)
+            _raise_if_disk_full(exc, self.root, stage, self.root)
             raise
         if self.fs is not None:
             self._upload(stage, key)
@@ -193,7 +193,7 @@ def _matches(folder: Path, manifest: dict) -> bool:
 _LOW_SPACE = 64 << 20
 
 
-def _raise_if_disk_full(exc: BaseException, where: Path, stage: str) -> None:
+def _raise_if_disk_full(exc: BaseException, where: Path, stage: str, store: Path) -> None:
     """A StageError when ``exc`` came from a full disk: an ENOSPC/EDQUOT anywhere in its chain, or (for
     libraries that hide the OSError, such as torch.save) less than 64 MiB left where the output was written."""
     cause, full = exc, False
@@ -202,7 +202,7 @@ def _raise_if_disk_full(exc: BaseException, where: Path, stage: str) -> None:
         cause = cause.__cause__ or cause.__context__
     free = shutil.disk_usage(where).free
     if full or free < _LOW_SPACE:
-        raise StageError(f"{stage}: the disk holding {where} is full ({free / 1e6:.1f} MB free; "
+        raise StageError(f"{stage}: the disk holding the artifact store {store} is full ({free / 1e6:.1f} MB free; "
                          f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}); the partial "
                          "output was removed. Free space (oliveflow cache prune --apply) or point "
                          "OLIVEFLOW_ARTIFACT_STORE at a larger disk") from exc

@@ -76,3 +76,34 @@ def test_a_run_killed_in_each_heavy_stage_resumes_to_the_same_model(tiny_model_d
     # What the killed runs left (temp folders, their lock files) was swept when the stage was next written.
     assert not [p for p in store.rglob(".*") if p.name.startswith((".tmp-", ".old-", ".get-"))]
     assert half_written(store) == []
+
+
+def test_damaged_artifacts_and_cache_records_are_recomputed_not_served(tiny_model_dir, tmp_path):
+    store = tmp_path / "store"
+    first = _run(tiny_model_dir, tmp_path, store)
+    expected = stored(store)
+    keys = {stage: next(iter(expected[stage])) for stage in HEAVY_STAGES}
+
+    model = store / "export" / keys["export"] / "model" / "model.onnx"
+    with open(model, "r+b") as f:
+        f.truncate(model.stat().st_size // 2)
+    weights = store / "finetune" / keys["finetune"] / "adapter" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, one bit pattern changed
+    weights.write_bytes(bytes(data))
+    records = tmp_path / "prefect" / "storage"
+    quantize_record = records / keys["quantize"]
+    quantize_record.write_bytes(quantize_record.read_bytes()[:40])  # truncated
+    (records / keys["smoke_test"]).write_bytes(b"\x00garbage\xff")
+    (records / keys["export"]).unlink()  # missing
+
+    second = _run(tiny_model_dir, tmp_path, store)
+    assert {name: s["cache"] for name, s in second["stages"].items()} == {
+        "quantize": "hit",      # record unreadable, artifact intact: served from the store, record rewritten
+        "finetune": "miss",     # altered adapter: recomputed
+        "export": "miss",       # truncated model: recomputed
+        "smoke_test": "hit"}    # garbage record, intact report: served from the store
+    assert stored(store) == expected, "the recomputed artifacts are the same as the damaged ones were"
+    assert second["samples"] == first["samples"]
+    for stage in HEAVY_STAGES:
+        json.loads((records / keys[stage]).read_text())  # every record is whole again
