@@ -8,26 +8,35 @@ Clients are built by the factories here (``make_registry``, ``azure_ml_client``)
 inside stage code; tests hand the registries their own clients. Secrets live in
 ``SecretStr`` fields read from the environment at the entry point and are only unwrapped
 when a credential object is built.
+
+A registry that does not answer, or answers 5xx (blob storage timing out included), is tried
+again with exponential backoff, then the error is one line. A retried registration first looks
+the content hash up: a try whose answer was lost may have made the version, and a second one is
+never made.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from oliveflow.errors import InputError
+from oliveflow.errors import InputError, ServiceError
 from oliveflow.results import PipelineResult
 
 if TYPE_CHECKING:  # only for annotations: oliveflow.config may import RegistryConfig from here
-    from oliveflow.tracking import Lineage, TrackedRun
+    from oliveflow.tracking import Backoff, Lineage, TrackedRun
 
 CONTENT_TAG = "content_sha256"
 GATE_METRIC = "response_ppl_finetuned"  # held-out perplexity on response tokens, lower is better
@@ -38,10 +47,15 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$"
 PUBLIC_AUTHORITIES = {"login.microsoftonline.com", "login.chinacloudapi.cn", "login.microsoftonline.us"}
 WORKSPACE_ENV = {"subscription_id": "AZURE_SUBSCRIPTION_ID", "resource_group": "AZURE_RESOURCE_GROUP",
                  "workspace_name": "AZUREML_WORKSPACE_NAME"}
+# azure-core's own retries of one ARM request (defaults: 10 retries, up to 120 s apart: many minutes before
+# an outage is reported). Bounded here unless the caller passes its own; the registry retries on top.
+AZURE_HTTP_LIMITS = {"retry_total": 2, "retry_backoff_factor": 0.5, "retry_backoff_max": 8}
+_log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
-class RegistryError(RuntimeError):
-    """The registry refused or could not take the model."""
+class RegistryError(ServiceError):
+    """The registry refused or could not take the model; the message says what to do."""
 
 
 class _Frozen(BaseModel):
@@ -185,11 +199,82 @@ class RegisteredVersion(_Frozen):
             return None
         return value if math.isfinite(value) else None
 
+    def unreadable(self, *keys: str) -> dict[str, str]:
+        """Metric tags present but not a finite number: edited by hand or damaged, not merely missing."""
+        return {k: self.tags[k] for k in keys if k in self.tags and self.metric(k) is None}
+
 
 class ModelRegistry(ABC):
-    """A model registry: find by content, the latest version, register a folder."""
+    """A model registry: find by content, the latest version, register a folder.
+
+    Backends implement single tries of each call; ``retrying`` and ``create_once`` retry them.
+    """
 
     backend: ClassVar[str]
+    backoff: Backoff  # set by each backend's __init__
+    unavailable_fix: ClassVar[str] = "re-run when the registry answers again"
+
+    def _transient(self, exc: BaseException) -> bool:
+        """Whether ``exc`` says the service was briefly unavailable (no answer, 429, 5xx): worth another try."""
+        return False
+
+    def _damage(self, exc: BaseException) -> Exception | None:
+        """The error to raise instead of ``exc`` when it says the registry's own store is damaged."""
+        return None
+
+    def _single_requests(self) -> contextlib.AbstractContextManager[None]:
+        """A block in which the client's own retries, if unsafe for creates, are off."""
+        return contextlib.nullcontext()
+
+    def exclusive(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """Held from looking up ``name`` to creating its version, where the backend can (a local store)."""
+        return contextlib.nullcontext()
+
+    def retrying(self, what: str, call: Callable[[], _T]) -> _T:
+        """``call()``, tried again after a transient failure with ``self.backoff``, then one line."""
+        waits = self.backoff.waits()
+        for attempt in range(1, len(waits) + 2):
+            try:
+                with self._single_requests():
+                    return call()
+            except RegistryError:
+                raise
+            except Exception as exc:
+                damage = self._damage(exc)
+                if damage is not None:
+                    raise damage from exc
+                if not self._transient(exc):
+                    raise
+                if attempt > len(waits):
+                    raise RegistryError(f"registry {self.backend}: {what} failed {attempt} times, the last with "
+                                        f"{type(exc).__name__}: {_one_line(exc)}; {self.unavailable_fix}") from exc
+                _log.warning("registry %s: %s failed (%s: %s); try %d of %d in %.1f s", self.backend, what,
+                             type(exc).__name__, _one_line(exc, 200), attempt + 1, len(waits) + 1, waits[attempt - 1])
+                time.sleep(waits[attempt - 1])
+        raise AssertionError("unreachable")
+
+    def create_once(self, name: str, model_dir: Path, content_hash: str, tags: dict[str, str], version: str | None,
+                    model_uri: str | None) -> RegisteredVersion:
+        """``create_version``, retried after transient failures without ever making a second version.
+
+        A try can make the version and then lose its answer (a dropped connection, a 5xx from a
+        proxy, a timeout): each retry first looks the content hash up and returns what it finds.
+        """
+        tries = 0
+
+        def attempt() -> RegisteredVersion:
+            nonlocal tries
+            tries += 1
+            if tries > 1:
+                found = self.find(name, content_hash)
+                if found is not None:
+                    _log.info("registry %s: the failed try registered %s v%s; not made again", self.backend, name,
+                              found.version)
+                    return found
+            return self.create_version(name, Path(model_dir), content_hash, {**tags, CONTENT_TAG: content_hash},
+                                       version, model_uri)
+
+        return self.retrying(f"registering {name}", attempt)
 
     @abstractmethod
     def find(self, name: str, content_hash: str) -> RegisteredVersion | None:
@@ -210,10 +295,10 @@ class ModelRegistry(ABC):
 
     def existing(self, name: str, content_hash: str, version: str | None = None) -> RegisteredVersion | None:
         """The version already holding this content, if any; an error if ``version`` holds other content."""
-        found = self.find(name, content_hash)
+        found = self.retrying(f"looking up {name}", lambda: self.find(name, content_hash))
         if found is not None or version is None:
             return found
-        taken = self.get(name, version)
+        taken = self.retrying(f"reading {name} version {version}", lambda: self.get(name, version))
         if taken is not None:
             raise RegistryError(
                 f"registry {self.backend}: {name} version {version} already holds another model "
@@ -228,11 +313,11 @@ class ModelRegistry(ABC):
         ``model_uri``: the model as the tracking store logged it, for backends that
         reference it rather than upload the folder (MLflow).
         """
-        found = self.existing(name, content_hash, version)
-        if found is not None:
-            return found
-        return self.create_version(name, Path(model_dir), content_hash, {**tags, CONTENT_TAG: content_hash}, version,
-                            model_uri)
+        with self.exclusive(name):
+            found = self.existing(name, content_hash, version)
+            if found is not None:
+                return found
+            return self.create_once(name, Path(model_dir), content_hash, tags, version, model_uri)
 
 
 # ---- MLflow Model Registry ----
@@ -242,11 +327,42 @@ class MlflowRegistry(ModelRegistry):
 
     backend = "mlflow"
 
-    def __init__(self, uri: str, client=None):
+    def __init__(self, uri: str, client=None, backoff: Backoff | None = None):
         from mlflow import MlflowClient
 
+        from oliveflow.tracking import Backoff, prepare_store, public_uri
+
+        prepare_store(uri)  # a new local store is created here, under its lock; a damaged one fails here
         self.uri = uri  # tracking and registry store: the one the run and its model were logged to
         self._client = client or MlflowClient(tracking_uri=uri, registry_uri=uri)
+        self.backoff = backoff or Backoff.for_mlflow()
+        self.unavailable_fix = (f"check that the MLflow server {public_uri(uri)} is up, then re-run (the same "
+                                "model is never registered twice)")
+
+    def _transient(self, exc: BaseException) -> bool:
+        from oliveflow.tracking import transient
+
+        return transient(exc, self.uri)
+
+    def _damage(self, exc: BaseException) -> Exception | None:
+        from oliveflow.tracking import sqlite_path, store_damage
+
+        return store_damage(exc, sqlite_path(self.uri))
+
+    def _single_requests(self) -> contextlib.AbstractContextManager[None]:
+        from oliveflow.tracking import single_requests
+
+        return single_requests()
+
+    def exclusive(self, name: str) -> contextlib.AbstractContextManager[None]:
+        # Runs on one machine share the local store: one at a time from lookup to create, so identical
+        # runs finishing together make one version, not one each. (A server has no such lock.)
+        from filelock import FileLock
+
+        from oliveflow.tracking import STORE_INIT_TIMEOUT, sqlite_path
+
+        db = sqlite_path(self.uri)
+        return FileLock(f"{db}.register.lock", timeout=STORE_INIT_TIMEOUT) if db else contextlib.nullcontext()
 
     @staticmethod
     def _version(mv) -> RegisteredVersion:
@@ -307,6 +423,12 @@ def _number(version: str) -> int:
     return int(version) if str(version).isdigit() else -1
 
 
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    from oliveflow.tracking import _one_line as one_line
+
+    return one_line(exc, limit)
+
+
 def _quoted(text: str) -> str:
     return text.replace("\\", "\\\\").replace("'", "\\'")
 
@@ -340,7 +462,7 @@ def azure_ml_client(workspace: AzureWorkspace, credential=None, **client_kwargs:
     from azure.ai.ml import MLClient
 
     credential = credential or azure_credential()
-    client_kwargs = {"enable_telemetry": False, "show_progress": False, **client_kwargs}
+    client_kwargs = {"enable_telemetry": False, "show_progress": False, **AZURE_HTTP_LIMITS, **client_kwargs}
     if workspace.cloud and "cloud" not in client_kwargs:
         client_kwargs["cloud"] = workspace.cloud
     resolved = workspace.resolved()
@@ -357,9 +479,27 @@ class AzureMLRegistry(ModelRegistry):
     """Azure ML workspace models: the folder is uploaded to the workspace's blob store as a custom model."""
 
     backend = "azureml"
+    unavailable_fix = ("check the workspace and its storage account (Azure status page), then re-run "
+                       "(the same model is never registered twice)")
 
-    def __init__(self, client):
+    def __init__(self, client, backoff: Backoff | None = None):
+        from oliveflow.tracking import Backoff
+
         self._client = client  # azure.ai.ml.MLClient
+        self.backoff = backoff or Backoff(attempts=3, first=2.0)
+
+    def _transient(self, exc: BaseException) -> bool:
+        from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
+
+        from oliveflow.tracking import causes
+
+        for cause in causes(exc):
+            if isinstance(cause, (ServiceRequestError, ServiceResponseError)):  # no answer, timeouts included
+                return True
+            if isinstance(cause, HttpResponseError) and (cause.status_code in (408, 429)
+                                                         or (cause.status_code or 0) >= 500):
+                return True
+        return False
 
     @staticmethod
     def _version(model) -> RegisteredVersion:
@@ -467,6 +607,14 @@ def decide(candidate: Candidate, champion: RegisteredVersion | None, force: bool
 def _judge(candidate: Candidate, champion: RegisteredVersion | None) -> GateDecision:
     if champion is None:
         return GateDecision(register=True, reason="no version registered under this name yet")
+    # A metric tag that is there but not a number was edited or damaged: comparing would mean guessing,
+    # so the gate refuses (force overrides), where a missing one just has nothing to beat.
+    unreadable = champion.unreadable(GATE_METRIC, ROUGE_METRIC)
+    if unreadable:
+        key, value = next(iter(unreadable.items()))
+        return GateDecision(register=False, reason=f"champion {champion.name} v{champion.version}'s tag {key} is "
+                                                   f"{value[:40]!r}, not a number; set it to the version's value "
+                                                   "or remove it, or set registry.force to register anyway")
     best = champion.metric(GATE_METRIC)
     if best is None:
         return GateDecision(register=True, reason=f"champion v{champion.version} has no {GATE_METRIC} to beat")
@@ -541,18 +689,20 @@ def register_model(registry: ModelRegistry, name: str, result: PipelineResult, t
                    lineage: Lineage, force: bool = False, version: str | None = None) -> RegistrationOutcome:
     """Gate, then register idempotently; same content -> the existing version, never a second one."""
     content_hash = result.onnx.artifact.sha256
-    found = registry.existing(name, content_hash, version)  # raises on a version holding other content
-    if found is not None:
-        reason = "same content hash" if version in (None, found.version) else \
-            f"this content is already version {found.version} (requested version {version} not made)"
-        return RegistrationOutcome(backend=registry.backend, name=name, registered=True, already_registered=True,
-                                   version=found, reason=reason)
-    gate = decide(Candidate.of(result), registry.latest(name), force)
-    if not gate.register:
-        return RegistrationOutcome(backend=registry.backend, name=name, registered=False, reason=gate.reason)
-    tags = {**registration_tags(result, tracked, lineage), CONTENT_TAG: content_hash}
-    created = registry.create_version(name, Path(result.onnx_model_dir), content_hash, tags, version,
-                               tracked.model_uri if tracked else None)
+    with registry.exclusive(name):
+        found = registry.existing(name, content_hash, version)  # raises on a version holding other content
+        if found is not None:
+            reason = "same content hash" if version in (None, found.version) else \
+                f"this content is already version {found.version} (requested version {version} not made)"
+            return RegistrationOutcome(backend=registry.backend, name=name, registered=True, already_registered=True,
+                                       version=found, reason=reason)
+        champion = registry.retrying(f"reading the latest version of {name}", lambda: registry.latest(name))
+        gate = decide(Candidate.of(result), champion, force)
+        if not gate.register:
+            return RegistrationOutcome(backend=registry.backend, name=name, registered=False, reason=gate.reason)
+        tags = {**registration_tags(result, tracked, lineage), CONTENT_TAG: content_hash}
+        created = registry.create_once(name, Path(result.onnx_model_dir), content_hash, tags, version,
+                                       tracked.model_uri if tracked else None)
     return RegistrationOutcome(backend=registry.backend, name=name, registered=True, version=created,
                                reason=gate.reason)
 

@@ -13,7 +13,10 @@ from oliveflow.tracking import Lineage, TrackedRun, TrackingError, experiment_na
 
 
 def _tracking_failed(task, task_run, state) -> bool:
-    """Retry a tracking server hiccup once more; track_run already retried each request a little."""
+    """Retry a tracking server hiccup once more; track_run already retried each request a little.
+
+    A damaged local store (CorruptStoreError, not a TrackingError) is not retried: it needs a person.
+    """
     try:
         state.result()
     except TrackingError:
@@ -29,6 +32,8 @@ def track_task(result: PipelineResult, params: BaseModel, lineage: Lineage, conf
                      log_model=config.log_model)
 
 
+# No task retries: the registry retries each call itself, with backoff, looking the content hash up before
+# any second create (oliveflow.registry); another round here would only repeat those waits.
 @task(name="register_model", cache_policy=NO_CACHE)
 def register_task(config: RegistryConfig, result: PipelineResult, tracked: TrackedRun | None,
                   lineage: Lineage) -> RegistrationOutcome:

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import psutil
-import pytest
 
 from runs import OLIVEFLOW, QUICK, REPO, run_env as _env
 

@@ -1,7 +1,6 @@
 import subprocess
 import sys
 import threading
-import time
 
 from tasks.locking import HostLockManager
 

@@ -18,7 +18,7 @@ from oliveflow.registry import (
     Candidate, RegistryError, azure_credential, check_registry_settings, decide, make_registry, register_model,
     registry_settings_errors,
 )
-from oliveflow.tracking import track_run
+from oliveflow.tracking import CorruptStoreError, track_run
 
 PLANTED = "planted-secret-XYZ"
 
@@ -64,6 +64,14 @@ def _variant(result, ppl: float | None = None, passed: bool | None = None, salt:
     (_candidate(float("inf")), None, True, False, "not finite"),
     (_candidate(20.0, losses=(3.0, float("nan"), 2.5)), None, False, False, "not finite"),
     (_candidate(20.0, passed=False), None, True, False, "smoke test failed"),
+    # A champion's metric tag that is there but not a number (edited, damaged) is refused, not guessed at;
+    # a missing one (above) just has nothing to beat.
+    (_candidate(20.0), _champion("abc"), False, False,
+     "champion m v3's tag response_ppl_finetuned is 'abc', not a number; set it to the version's value or remove "
+     "it, or set registry.force to register anyway"),
+    (_candidate(20.0), _champion("nan"), False, False, "response_ppl_finetuned is 'nan', not a number"),
+    (_candidate(20.0), _champion("25", rouge=""), False, False, "rouge_l_finetuned is '', not a number"),
+    (_candidate(20.0), _champion("abc"), True, True, "forced (the gate said: champion m v3's tag"),
 ])
 def test_gate(candidate, champion, force, register, words):
     decision = decide(candidate, champion, force)
@@ -288,3 +296,39 @@ def test_live_azure_ml_registration(tracked, pipeline_result, lineage):
     assert first.registered
     again = register_model(registry, "oliveflow-live-test", pipeline_result, tracked, lineage)
     assert again.already_registered and again.version.version == first.version.version
+
+
+# ---- damaged entries and stores ----
+
+def test_a_damaged_registry_entry_is_refused_naming_the_version(tracked, mlflow_uri, pipeline_result, lineage):
+    from mlflow import MlflowClient
+
+    registry = MlflowRegistry(mlflow_uri)
+    assert register_model(registry, "travel-damaged", pipeline_result, tracked, lineage).version.version == "1"
+    MlflowClient(registry_uri=mlflow_uri).set_model_version_tag("travel-damaged", "1", "response_ppl_finetuned",
+                                                                "12,5")
+    retrained = _variant(pipeline_result, salt="d")
+    refused = register_model(registry, "travel-damaged", retrained, tracked, lineage)
+    assert not refused.registered and "\n" not in refused.summary
+    assert "champion travel-damaged v1's tag response_ppl_finetuned is '12,5', not a number" in refused.summary
+    forced = register_model(registry, "travel-damaged", retrained, tracked, lineage, force=True)
+    assert forced.version.version == "2" and forced.reason.startswith("forced")
+
+
+@pytest.mark.parametrize("when", ["before first use", "after first use"])
+def test_a_damaged_mlflow_store_fails_the_registry_in_one_line(when, fresh_mlflow_uri):
+    db = Path(fresh_mlflow_uri.removeprefix("sqlite:///"))
+    if when == "before first use":
+        db.write_bytes(os.urandom(32 * 1024))
+        with pytest.raises(CorruptStoreError) as failure:
+            MlflowRegistry(fresh_mlflow_uri)
+    else:
+        registry = MlflowRegistry(fresh_mlflow_uri)
+        assert registry.existing("travel", "0" * 64) is None
+        with db.open("r+b") as f:
+            f.write(os.urandom(db.stat().st_size))
+        with pytest.raises(CorruptStoreError) as failure:
+            registry.existing("travel", "0" * 64)
+    message = str(failure.value)
+    assert "\n" not in message and message.startswith(f"MLflow store {db} is damaged (SQLITE_NOTADB")
+    assert f"mv {db} {db}.damaged" in message

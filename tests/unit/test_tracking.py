@@ -16,8 +16,8 @@ import pytest
 
 from oliveflow.config import REPO_ROOT
 from oliveflow.tracking import (
-    Lineage, TrackingError, artifact_root, current_lineage, default_tracking_uri, experiment_name, flatten_params,
-    track_run, tracking_uri,
+    CorruptStoreError, Lineage, TrackingError, artifact_root, current_lineage, default_tracking_uri, experiment_name,
+    flatten_params, prepare_store, track_run, tracking_uri,
 )
 
 
@@ -207,3 +207,62 @@ def test_a_server_failing_mid_run_fails_clearly_after_few_retries(monkeypatch, p
     assert "\n" not in str(failure.value) and "logging to http://127.0.0.1" in str(failure.value)
     assert elapsed < 30, f"MLflow's default retries (7, 120 s timeout) were not capped: {elapsed:.0f} s"
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ, "the cap is scoped to the call"
+
+
+# ---- a damaged local store: one line naming it, never retried ----
+
+def _damage(db: Path, how: str, template: Path) -> None:
+    import sqlite3
+
+    if how == "garbage":
+        db.write_bytes(os.urandom(64 * 1024))
+    elif how == "not-mlflow":  # a valid SQLite database of something else
+        with sqlite3.connect(db) as con:
+            con.execute("CREATE TABLE notes (body TEXT)")
+            con.execute("INSERT INTO notes VALUES ('mine')")
+    else:  # an MLflow store cut short, as by a full disk or an interrupted copy
+        data = template.read_bytes()
+        db.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("how", ["garbage", "not-mlflow", "truncated"])
+def test_a_damaged_store_is_one_line_naming_it_and_is_not_retried(how, monkeypatch, tmp_path, empty_mlflow_db,
+                                                                  pipeline_result, lineage, run_params):
+    from prefect.states import Failed
+
+    from tasks.publish import _tracking_failed
+
+    db = tmp_path / "mlflow" / "mlflow.db"
+    db.parent.mkdir()
+    _damage(db, how, empty_mlflow_db)
+    before = db.read_bytes()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    with pytest.raises(CorruptStoreError) as failure:
+        track_run(pipeline_result, run_params, lineage, "damaged")
+    message = str(failure.value)
+    assert "\n" not in message and message.startswith(f"MLflow store {db} ")
+    assert f"mv {db} {db}.damaged" in message and "MLFLOW_TRACKING_URI" in message
+    assert ("not an MLflow store (tables: notes)" if how == "not-mlflow" else "is damaged (SQLITE_") in message
+    assert db.read_bytes() == before, "left as it was for a person to look at (MLflow added no tables)"
+    assert _tracking_failed(None, None, Failed(data=failure.value)) is False, "the flow does not retry it"
+    assert _tracking_failed(None, None, Failed(data=TrackingError("down"))) is True
+
+
+def test_a_store_damaged_after_first_use_is_one_line_too(fresh_mlflow_uri, pipeline_result, lineage, run_params):
+    track_run(pipeline_result, run_params, lineage, "then-damaged", log_model=False)
+    db = Path(fresh_mlflow_uri.removeprefix("sqlite:///"))
+    with db.open("r+b") as f:  # in place: the open store sees it on its next read
+        f.write(os.urandom(db.stat().st_size))
+    with pytest.raises(CorruptStoreError, match=r"is damaged \(SQLITE_NOTADB: file is not a database\); move it "
+                                                r"aside"):
+        track_run(pipeline_result, run_params, lineage, "then-damaged", log_model=False)
+
+
+def test_a_new_store_is_made_under_a_lock_beside_it_once(tmp_path):
+    """Four processes doing this at once: tests/reliability/test_services.py."""
+    db = tmp_path / "new" / "mlflow.db"
+    prepare_store(f"sqlite:///{db}")
+    assert db.is_file() and (tmp_path / "new" / "mlflow.db.init.lock").exists()
+    assert _client(f"sqlite:///{db}").search_experiments()[0].name == "Default", "created and migrated"
+    db.write_bytes(b"not looked at again by this process")
+    prepare_store(f"sqlite:///{db}")  # once per process: no lock, no check
