@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,12 @@ def _value(text: str) -> Any:
 
 def _set(tree: dict, dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
-    for name in parents:
+    for depth, name in enumerate(parents, start=1):
         tree = tree.setdefault(name, {})
+        if not isinstance(tree, dict):
+            group = ".".join(parents[:depth])
+            raise InputError(f"--param {dotted}: {group} was already given a whole value; set either {group}=... "
+                             f"or its fields ({group}.NAME=...), not both")
     tree[leaf] = value
 
 
@@ -44,12 +49,26 @@ def build_params(args: argparse.Namespace) -> PipelineParams:
         value = getattr(args, flag, None)
         if value is not None:
             _set(raw, path, value)
+    texts: dict[tuple[str, ...], str] = {}  # --param values that JSON turned into something else than text
     for item in args.param or []:
         if "=" not in item:
             raise InputError(f"--param {item!r} is not key=value; write e.g. --param finetune.r=8")
         key, value = item.split("=", 1)
-        _set(raw, key.strip(), _value(value))
-    return PipelineParams.model_validate(raw)
+        parsed = _value(value)
+        _set(raw, key.strip(), parsed)
+        if not isinstance(parsed, str):
+            texts[tuple(key.strip().split("."))] = value
+    try:
+        return PipelineParams.model_validate(raw)
+    except ValidationError as exc:
+        # `--param registry.version=2` means the text "2" where a field takes text: retry those as written.
+        refused = {loc for loc in (tuple(map(str, error["loc"])) for error in exc.errors()
+                                   if error["type"] in ("string_type", "path_type")) if loc in texts}
+        if not refused:
+            raise
+        for key in refused:
+            _set(raw, ".".join(key), texts[key])
+        return PipelineParams.model_validate(raw)
 
 
 def _one_line(error: ValidationError) -> str:
@@ -61,14 +80,23 @@ def _one_line(error: ValidationError) -> str:
 
 def _preflight(params: PipelineParams) -> None:
     from oliveflow.output import check_output_dir
+    from oliveflow.registry import check_registry_settings
     from oliveflow.stages.data import validate_data
     from oliveflow.stages.model import resolve_model
     from oliveflow.store import ArtifactStore
 
     check_output_dir(params.output_dir)
     ArtifactStore(params.store_location())  # an az:// store without adlfs fails here
+    check_registry_settings(params.registry)
     validate_data(params.data)
     resolve_model(params.model, params.quantize)
+    if params.export.device == "gpu":
+        import onnxruntime_genai as og
+
+        # The smoke test needs it to run the exported model: without it the run would fail after every stage.
+        if not og.is_cuda_available():
+            raise InputError("export.device gpu: the installed onnxruntime-genai has no CUDA; install the gpu extra "
+                             "(pip install 'oliveflow[gpu]') on a CUDA machine, or use export.device=cpu")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -155,8 +183,44 @@ def cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    """``cache info``: what the store and its surroundings hold; ``cache prune``: what nothing points at (dry run
+    unless --apply). Reads Prefect's settings and record files only: no server is imported or started."""
+    from oliveflow import housekeeping
+
+    location = PipelineParams.model_validate({"artifact_store": args.store}).store_location()
+    report = housekeeping.cache_report(location, verify=args.verify, must_exist=args.store is not None)
+    if args.action == "info":
+        print(report.model_dump_json(indent=1) if args.json else housekeeping.describe(report))
+        return 0
+    plan = housekeeping.prune_plan(report)
+    outcome = housekeeping.apply(plan) if args.apply else None
+    if args.json:
+        print(json.dumps({"items": [item.model_dump(mode="json") for item in plan], "notes": report.notes,
+                          "total_bytes": sum(item.bytes for item in plan), "applied": args.apply,
+                          "outcome": outcome.model_dump(mode="json") if outcome else None}))
+    else:
+        print(housekeeping.describe_plan(plan, report, outcome))
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line like every other error of the command (no usage block)."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"oliveflow: error: {_single_line(message)}; see {self.prog} --help\n")
+
+
+def _single_line(text: str) -> str:
+    """``text`` with every line break escaped: an error names user input, which may hold any character."""
+    return _LINE_BREAKS.sub(lambda match: repr(match.group())[1:-1], text)
+
+
+_LINE_BREAKS = re.compile("[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")  # where str.splitlines() breaks
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="oliveflow", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="oliveflow", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -187,6 +251,21 @@ def _parser() -> argparse.ArgumentParser:
     stage.add_argument("--adapter", type=Path, help="output folder of the finetune stage")
     stage.add_argument("--onnx", type=Path, help="output folder of the export stage")
     stage.set_defaults(func=cmd_stage)
+
+    cache = sub.add_parser("cache", help="the artifact store's size and leftovers; remove what nothing points at")
+    actions = cache.add_subparsers(dest="action", required=True)
+    info = actions.add_parser("info", help="sizes of the store, stale temp folders, Olive's leftovers, cache "
+                                           "records, lock files and the home's folders")
+    prune = actions.add_parser("prune", help="list (or with --apply remove) what no cache record, kept artifact "
+                                             "or registered model points at")
+    for p in (info, prune):
+        p.add_argument("--store", help="artifact store: a folder or a URL (default: $OLIVEFLOW_ARTIFACT_STORE, "
+                                       "else $OLIVEFLOW_HOME/artifacts)")
+        p.add_argument("--verify", action="store_true", help="hash every artifact instead of checking its manifest "
+                                                             "and size (slow on big stores)")
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+        p.set_defaults(func=cmd_cache)
+    prune.add_argument("--apply", action="store_true", help="remove the listed items (default: a dry run)")
     return parser
 
 
@@ -199,9 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ValidationError as exc:
-        print(f"oliveflow: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"oliveflow: error: {_single_line(_one_line(exc))}", file=sys.stderr)
     except (InputError, StageError, ServiceError) as exc:
-        print(f"oliveflow: error: {exc}", file=sys.stderr)
+        print(f"oliveflow: error: {_single_line(str(exc))}", file=sys.stderr)
     except KeyboardInterrupt:
         print("oliveflow: interrupted", file=sys.stderr)
         return 130

@@ -11,7 +11,7 @@ import string
 from pathlib import Path, PurePath
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from oliveflow.errors import InputError
 from oliveflow.registry import RegistryConfig
@@ -29,24 +29,76 @@ def oliveflow_home() -> Path:
 
 
 class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No inf/nan: `--param finetune.learning_rate=Infinity` parses, and would only fail as a non-finite loss.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+PLACEHOLDERS_ALLOWED = ("use plain {field} placeholders that name a JSON field (no attribute or index access, "
+                        "conversion or format spec) and double braces for literal ones")
+
+
+def _shown(text: str, limit: int = 60) -> str:
+    """``text`` for a one-line message: repr'd (no raw line breaks), cut to about ``limit`` characters."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
+def placeholder_problem(name: str, conversion: str | None = None, spec: str = "") -> str | None:
+    """Why ``{name!conversion:spec}`` is not a plain ``{field}`` placeholder, or None when it is.
+
+    Attribute and index access (``{0.__class__}``), conversions (``{x!r}``) and format specs
+    (``{x:>10000000}``) are refused: each lets a template reach Python objects or build huge strings.
+    """
+    if name == "" or name.isdecimal():
+        return "is positional; name a JSON field instead"
+    if "." in name or "[" in name:
+        return "accesses an attribute or index"
+    if conversion is not None:
+        return f"has a conversion (!{conversion})"
+    if spec:
+        return "has a format spec"
+    if not name.isprintable():
+        return "has a non-printable character in its name"
+    return None
 
 
 def template_fields(template: str) -> list[str]:
-    """Field names a ``str.format`` template uses, in order of first use."""
+    """Field names a ``str.format`` template uses, in order of first use; InputError for anything but ``{field}``."""
     names: list[str] = []
     try:
-        for _, name, _, _ in string.Formatter().parse(template):
-            if name is not None and name not in names:
-                names.append(name)
+        pieces = list(string.Formatter().parse(template))
     except ValueError as exc:
-        raise InputError(f"template {template!r} is not a valid format string ({exc}); "
-                         "use {field} placeholders and double braces for literal ones") from exc
+        raise InputError(f"template {_shown(template)} is not a valid format string ({exc}); "
+                         f"{PLACEHOLDERS_ALLOWED}") from None
+    for _, name, spec, conversion in pieces:
+        if name is None:
+            continue
+        problem = placeholder_problem(name, conversion, spec)
+        if problem:
+            placeholder = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise InputError(f"template {_shown(template)}: placeholder {_shown(placeholder)} {problem}; "
+                             f"{PLACEHOLDERS_ALLOWED}")
+        if name not in names:
+            names.append(name)
     return names
 
 
+def usable_path(value: str) -> str:
+    """A path-like parameter that the stages can resolve: no NUL byte (``Path.resolve`` raises on one) and no
+    ``~user`` that does not exist (``Path.expanduser`` raises); either would otherwise surface as a traceback."""
+    if "\x00" in value:
+        raise ValueError(f"{_shown(value)} contains a NUL character; write the path without it")
+    if value.startswith("~"):
+        try:
+            Path(value).expanduser()
+        except RuntimeError:
+            raise ValueError(f"{_shown(value)}: {_shown(value.split('/', 1)[0])} is not a user with a home folder "
+                             "here; write the full path, or ~/... for your own home") from None
+    return value
+
+
 # A file's location: a local path, or an fsspec URL (az://container/train.jsonl) that every run reads afresh.
-Location = Annotated[str, BeforeValidator(lambda value: str(value) if isinstance(value, PurePath) else value)]
+Location = Annotated[str, BeforeValidator(lambda value: str(value) if isinstance(value, PurePath) else value),
+                     AfterValidator(usable_path)]
 
 
 class DataConfig(_Config):
@@ -72,9 +124,31 @@ class DataConfig(_Config):
         if value is None:
             return None
         if not template_fields(value):
-            raise ValueError(f"template {value!r} has no {{field}} placeholders; "
+            raise ValueError(f"template {_shown(value)} has no {{field}} placeholders; "
                              "name the JSON fields to use, e.g. '{prompt} {response}'")
         return value
+
+    @field_validator("prompt_field", "response_field")
+    @classmethod
+    def _usable_as_placeholder(cls, value: str, info) -> str:
+        # The chat template gets "{" + value + "}": it must parse back as exactly that one field.
+        problem = placeholder_problem(value)
+        try:
+            parsed = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse("{" + value + "}")]
+        except ValueError:
+            parsed = []
+        if problem or parsed != [(value, "", None)]:
+            raise ValueError(f"{info.field_name} {_shown(value)} cannot name a template placeholder; use the JSON "
+                             "field's name without '.', '[', '!', ':', braces or line breaks, not empty and not a "
+                             "number")
+        return value
+
+    @model_validator(mode="after")
+    def _two_fields(self) -> DataConfig:
+        if self.template is None and self.prompt_field == self.response_field:
+            raise ValueError(f"prompt_field and response_field are both {_shown(self.prompt_field)}; name two "
+                             "different JSON fields (the prompt and the answer)")
+        return self
 
     def fields(self) -> list[str]:
         """The JSON fields every example must have."""
@@ -114,7 +188,8 @@ class FinetuneConfig(_Config):
                                                                "(see LORA_DEFAULTS).")
     batch_size: int = Field(8, ge=1, description="Examples per step.")
     max_seq_len: int = Field(128, ge=16, description="Token length examples are packed or cut to.")
-    seed: int = Field(0, description="Training seed.")
+    # transformers.set_seed (numpy's seed) takes 0 .. 2**32 - 1; anything else would fail only once training starts.
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Training seed (0 to 4294967295).")
     precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Training precision: auto is bfloat16 on a CUDA GPU, float32 on CPU.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory (large models, long sequences).")
@@ -180,6 +255,8 @@ class PipelineParams(_Config):
     @field_validator("artifact_store")
     @classmethod
     def _store_protocol(cls, value: str | None) -> str | None:
+        if value:
+            usable_path(value)
         if value and "://" in value:
             import fsspec
 
@@ -188,6 +265,13 @@ class PipelineParams(_Config):
                 raise ValueError(f"artifact_store {value!r}: unknown protocol {protocol!r}; use a folder or an "
                                  "fsspec URL such as az://container/prefix")
         return value or None
+
+    @field_validator("model", "output_dir")
+    @classmethod
+    def _usable_paths(cls, value: str | Path | None) -> str | Path | None:
+        if value is not None:
+            usable_path(str(value))
+        return value
 
     @model_validator(mode="after")
     def _combinations(self) -> PipelineParams:

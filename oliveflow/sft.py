@@ -31,14 +31,22 @@ def split_template(template: str) -> tuple[str, str]:
     """(prompt part, response part): the template cut before its last ``{field}`` placeholder."""
     import string
 
-    last = None
-    for literal, name, spec, conv in string.Formatter().parse(template):
-        if name is not None:
-            last = name
+    pieces = list(string.Formatter().parse(template))
+    last = max((i for i, (_, name, _, _) in enumerate(pieces) if name is not None), default=None)
     if last is None:
-        raise ValueError(f"template {template!r} has no {{field}} placeholders")
-    cut = template.rindex("{" + last)
-    return template[:cut], template[cut:]
+        raise ValueError(f"template {template[:60]!r} has no {{field}} placeholders")
+
+    # Rebuilt from the parsed pieces, not cut with rindex: a literal "{{name" after the last placeholder
+    # would otherwise be taken for it and split an escaped brace pair.
+    def source(literal: str, name: str | None, spec: str | None, conv: str | None) -> str:
+        text = literal.replace("{", "{{").replace("}", "}}")
+        if name is not None:
+            text += "{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+        return text
+
+    head = "".join(source(*piece) for piece in pieces[:last]) + source(pieces[last][0], None, None, None)
+    tail = source("", *pieces[last][1:]) + "".join(source(*piece) for piece in pieces[last + 1:])
+    return head, tail
 
 
 def chat_format_template(tokenizer: Any, prompt_field: str, response_field: str) -> str | None:

@@ -168,11 +168,13 @@ def run_cached(task_fn, store: ArtifactStore, stage: str, key: str, **kwargs: An
     artifact, no computation) or "miss".
     """
     started = time.perf_counter()  # the stage's time includes checking (and for a URL store, fetching) its artifact
-    # Checked under the key's lock: a process computing this stage holds it until its record is written, so
-    # no record is read half-written, and a record that cannot be read is damage, not a race.
-    with _key_lock(key):
-        intact = store.lookup(stage, key) is not None
-        record = _record(task_fn, key)
+    intact = store.lookup(stage, key) is not None
+    record = _record(task_fn, key)
+    if record == "unreadable":
+        # Perhaps read while another process was writing it: that process holds the key's lock until the record
+        # is whole. Read again under the lock; unreadable then is damage, not a race.
+        with _key_lock(key):
+            record = _record(task_fn, key)
     # Force a recompute when Prefect holds a record that cannot be read, or one whose artifact is gone or
     # altered (an intact artifact makes the "recompute" a read of it). With no record, the SERIALIZABLE
     # transaction decides: a run that waited for another process computing the same key gets that process's

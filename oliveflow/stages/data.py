@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import statistics
 import tempfile
 from pathlib import Path
@@ -20,30 +22,149 @@ def read_examples(path: Path, fields: list[str], shown: str | Path | None = None
     """Parse a JSONL file; raise InputError naming the file (as ``shown``, e.g. its URL), line and fix on the first
     bad line."""
     path = Path(path)
-    name = shown or path
+    name = str(shown or path)
+    name = name if name.isprintable() else repr(name)  # the message stays one line
     if not path.is_file():
         raise InputError(f"data file {name} does not exist; pass an existing JSONL file (--data / data.train_path)")
     rows = []
-    with open(path, encoding="utf-8") as f:
+    # The fine-tune reads the same file with Hugging Face datasets (pyarrow): what it would refuse, or read
+    # differently, is refused here with its line, before any heavy stage. A BOM at the start is fine for
+    # both; invalid UTF-8 is kept as surrogate escapes so it can be reported with its line.
+    try:
+        f = open(path, encoding="utf-8-sig", errors="surrogateescape")
+    except OSError as exc:
+        raise InputError(f"data file {name} cannot be read ({exc.strerror}); pass a readable JSONL file") from None
+    with f:
         for number, line in enumerate(f, start=1):
-            if not line.strip():
+            if not line.strip(_JSON_WHITESPACE):
                 continue
+            where = f"{name}:{number}"
+            bad_byte = _UNDECODABLE.search(line)
+            if bad_byte:
+                raise InputError(f"{where}: not valid UTF-8 (byte 0x{ord(bad_byte.group()) - 0xDC00:02x} at column "
+                                 f"{bad_byte.start() + 1}); save the file as UTF-8")
             try:
-                row = json.loads(line)
+                row = json.loads(line, object_pairs_hook=_unique_keys, parse_float=_double)
+            except _DuplicateKey as exc:
+                raise InputError(f"{where}: key {_field(exc.args[0])} appears twice in one object; "
+                                 "keep one of them") from None
+            except _NotADouble as exc:
+                raise InputError(f"{where}: number {exc.args[0][:30]} does not fit a double (the fine-tune's reader "
+                                 "cannot take it); write it as a string or a smaller number") from None
             except json.JSONDecodeError as exc:
-                raise InputError(f"{name}:{number}: not valid JSON ({exc.msg}); "
+                raise InputError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); "
                                  "write one JSON object per line") from None
+            except (ValueError, RecursionError) as exc:  # an integer of thousands of digits, nesting too deep
+                problem = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
+                raise InputError(f"{where}: JSON value cannot be read ({problem}); "
+                                 "write one flat JSON object of text fields per line") from None
             if not isinstance(row, dict):
-                raise InputError(f"{name}:{number}: expected a JSON object, got {type(row).__name__}; "
+                raise InputError(f"{where}: expected a JSON object, got {_JSON_TYPES.get(type(row), 'a value')}; "
                                  "write one JSON object per line")
-            missing = [field for field in fields if row.get(field) in (None, "")]
-            if missing:
-                raise InputError(f"{name}:{number}: field {missing[0]!r} used by the template is missing or empty; "
-                                 f"add it to every line or change the template (fields used: {', '.join(fields)})")
+            for field in fields:
+                value = row.get(field)
+                if value in (None, ""):
+                    raise InputError(f"{where}: field {_field(field)} used by the template is missing or empty; "
+                                     "add it to every line or change the template (fields used: "
+                                     f"{', '.join(map(_field, fields))})")
+                if not isinstance(value, str):
+                    raise InputError(f"{where}: field {_field(field)} is {_JSON_TYPES.get(type(value), 'a value')}, "
+                                     "not a string; write the text the template inserts as a JSON string")
+            problem = _structure_problem(row, "\\u" in line)
+            if problem:
+                raise InputError(f"{where}: {problem}")
             rows.append(row)
     if not rows:
-        raise InputError(f"data file {name} has no examples; add JSONL lines with fields {', '.join(fields)}")
+        raise InputError(f"data file {name} has no examples; add JSONL lines with fields "
+                         f"{', '.join(map(_field, fields))}")
     return rows
+
+
+MAX_NESTING = 63  # objects/arrays inside each other, the line's own object included: pyarrow's limit
+_JSON_WHITESPACE = " \t\r\n"  # what JSON and pyarrow skip; str.strip() would also skip e.g. U+00A0
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # surrogateescape's stand-ins for bytes that are not UTF-8
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+               bool: "true/false"}
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+class _NotADouble(ValueError):
+    pass
+
+
+def _double(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e400: Python reads inf, pyarrow refuses the file
+        raise _NotADouble(text)
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    row = dict(pairs)
+    if len(row) != len(pairs):
+        seen = set()
+        raise _DuplicateKey(next(key for key, _ in pairs if key in seen or seen.add(key)))
+    return row
+
+
+def _structure_problem(row: dict, surrogates: bool) -> str | None:
+    """What in a parsed line pyarrow (the fine-tune's reader) or a tokenizer would refuse: nesting deeper than
+    Arrow's limit, or (when the line has \\u escapes) a key or string with half a surrogate pair."""
+    stack: list[tuple[object, int]] = [(row, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if surrogates and _SURROGATE.search(item):
+                return ("a \\u escape is half a surrogate pair (not a character); "
+                        "fix the escape or write the character itself")
+        elif isinstance(item, (dict, list)):
+            if depth > MAX_NESTING:
+                return (f"JSON nested more than {MAX_NESTING} levels deep (the fine-tune's reader stops there); "
+                        "flatten the value or drop the field")
+            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return None
+
+
+def check_finetune_can_read(path: Path, shown: str | Path | None = None) -> None:
+    """Refuse, up front, a file the fine-tune's reader cannot read: Hugging Face datasets' JSON builder, as Olive
+    calls it for training and calibration data. It infers an Arrow type for every field, the ones the template does
+    not use included, and fails on some files Python's json reads (a field with mixed types and a blank line above
+    it; a list of nulls and whitespace after the last line), after quantization has run."""
+    import logging
+
+    import datasets
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    name = str(shown or path)
+    name = name if name.isprintable() else repr(name)
+    bars_were_off, verbosity = are_progress_bars_disabled(), datasets.logging.get_verbosity()
+    disable_progress_bars()  # its bars and error log would break the one-line error on stderr
+    datasets.logging.set_verbosity(logging.CRITICAL + 1)
+    try:
+        with tempfile.TemporaryDirectory(prefix="oliveflow-read-check-") as cache:
+            datasets.load_dataset("json", data_files=[str(path)], split="train", cache_dir=cache)
+    except Exception as exc:  # whatever it raises here, the fine-tune would raise after quantizing
+        causes = [exc]
+        while causes[-1].__cause__ or causes[-1].__context__:
+            causes.append(causes[-1].__cause__ or causes[-1].__context__)
+        reason = next((c for c in causes if "Arrow" in type(c).__name__), causes[0])  # pyarrow's says most
+        text = " ".join(str(reason).split())[:200] or type(reason).__name__
+        raise InputError(f"data file {name}: the fine-tune's reader (Hugging Face datasets) cannot read it "
+                         f"({text}); give each field one JSON type on every line, drop the fields the template "
+                         "does not use, or remove blank lines") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if not bars_were_off:
+            enable_progress_bars()
+
+
+def _field(name: str) -> str:
+    return repr(name) if len(name) <= 60 else repr(name[:60]) + "..."
 
 
 def prompt_and_reference(template: str, row: dict) -> tuple[str, str]:
@@ -59,9 +180,9 @@ def resolve_template(config: DataConfig, model_dir: Path) -> str:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # format, not two replaces: with prompt_field "response" the second replace would rewrite the first's result.
     return chat_format_template(tokenizer, config.prompt_field, config.response_field) or \
-        DEFAULT_TEMPLATE.replace("{prompt}", "{%s}" % config.prompt_field).replace(
-            "{response}", "{%s}" % config.response_field)
+        DEFAULT_TEMPLATE.format(prompt="{%s}" % config.prompt_field, response="{%s}" % config.response_field)
 
 
 def local_data_file(location: str) -> Path:
@@ -95,6 +216,7 @@ def validate_data(config: DataConfig, tokenizer=None) -> DataReport:
     train_path = local_data_file(config.train_path)
     eval_path = local_data_file(config.eval_path) if config.eval_path else None
     train = read_examples(train_path, fields, shown=config.train_path)
+    check_finetune_can_read(train_path, shown=config.train_path)  # the eval file is read with read_examples alone
     evals = read_examples(eval_path, fields, shown=config.eval_path) if eval_path else []
     texts = ["".join(str(row[f]) for f in fields) for row in train]
     lengths = [len(t) for t in texts]
