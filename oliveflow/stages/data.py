@@ -147,7 +147,9 @@ def check_finetune_can_read(path: Path, shown: str | Path | None = None) -> None
     datasets.logging.set_verbosity(logging.CRITICAL + 1)
     try:
         with tempfile.TemporaryDirectory(prefix="oliveflow-read-check-") as cache:
-            datasets.load_dataset("json", data_files=[str(path)], split="train", cache_dir=cache)
+            rows = datasets.load_dataset("json", data_files=[str(path)], split="train", cache_dir=cache)
+            for _ in rows:  # each row decoded, every field too, as the fine-tune's map over the rows does
+                pass
     except Exception as exc:  # whatever it raises here, the fine-tune would raise after quantizing
         causes = [exc]
         while causes[-1].__cause__ or causes[-1].__context__:
