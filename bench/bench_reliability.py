@@ -32,6 +32,7 @@ def _env(root: Path) -> dict[str, str]:
 
 
 def _start(model: Path, root: Path, extra: list[str], name: str) -> tuple[subprocess.Popen, Path]:
+    root.mkdir(parents=True, exist_ok=True)
     err = root / f"{name}.err"
     proc = subprocess.Popen([*RUN, "--model", str(model), *extra], cwd=REPO, env=_env(root), text=True,
                             stdout=subprocess.PIPE, stderr=open(err, "w"))
@@ -62,7 +63,6 @@ def startup_seconds(model: Path, root: Path) -> float:
 
 
 def together(model: Path, root: Path, extras: list[list[str]]) -> dict:
-    root.mkdir(parents=True)
     started = time.perf_counter()
     results = _finish([_start(model, root, extra, f"run-{i}") for i, extra in enumerate(extras)])
     return {"runs": len(extras), "seconds": round(time.perf_counter() - started, 1),
