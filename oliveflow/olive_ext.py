@@ -369,7 +369,8 @@ class Awq(Rtn):
             report = apply_awq(loaded, [c.to(device) for c in calibration], settings, progress)
             bar.close()
             Path(output_model_path).mkdir(parents=True, exist_ok=True)
-            (Path(output_model_path) / AWQ_REPORT).write_text(json.dumps(report.to_dict(), indent=1, default=str))
+            saved = {k: v for k, v in report.to_dict().items() if k != "seconds"}  # identical runs, identical bytes
+            (Path(output_model_path) / AWQ_REPORT).write_text(json.dumps(saved, indent=1, default=str))
             return loaded
 
         quant_utils.load_hf_base_model = load_and_scale

@@ -287,3 +287,13 @@ def test_the_finetune_is_bit_reproducible(chain, tmp_path):
         (second.adapter_dir / "adapter_model.safetensors").read_bytes()
     assert first.artifact.sha256 == second.artifact.sha256
     assert first.train_loss == second.train_loss
+
+
+def test_awq_quantize_is_bit_reproducible(chain, tmp_path):
+    """A second AWQ run on the same model and data gives the same artifact hash: its report keeps no timings
+    (on an H200 the tensors were identical too, bench/results/reproducibility-h200.json)."""
+    from oliveflow.config import QuantizeConfig
+    from oliveflow.stages.quantize import quantize
+
+    again = quantize(chain["base"], QuantizeConfig(group_size=32), tmp_path, data=chain["data"])
+    assert again.artifact.sha256 == chain["quantized"].artifact.sha256
