@@ -1,5 +1,18 @@
 """Errors a person can act on: one line naming the input, the problem and the fix."""
 
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+
+def causes(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and what it was raised from or during (clients wrap the error that tells what happened)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
 
 class InputError(ValueError):
     """Bad user input, detected before heavy work starts."""

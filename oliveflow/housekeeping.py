@@ -36,7 +36,7 @@ from oliveflow.config import oliveflow_home
 from oliveflow.errors import InputError
 from oliveflow.olive_runner import WORK_DIR
 from oliveflow.registry import CONTENT_TAG
-from oliveflow.store import MANIFEST, SCRATCH_PREFIXES, ArtifactStore, scratch_dir, stale_scratch
+from oliveflow.store import MANIFEST, SCRATCH_PREFIXES, ArtifactStore, lock_is_held, scratch_dir, stale_scratch
 
 # Olive's work folder inside a stage's temp folder, and Olive's default cache (olive.common.constants
 # DEFAULT_CACHE_DIR, made in the working folder when a config names no cache_dir; not imported: Olive is slow to load).
@@ -200,7 +200,7 @@ def cache_report(store_location: str | Path, home: Path | None = None, prefect_s
         notes.append("cache-key locks are in Redis ($OLIVEFLOW_LOCK_URL): no lock files to examine")
     else:
         locks_dir = Path(os.environ.get("OLIVEFLOW_LOCK_DIR") or home / "locks").expanduser().resolve()
-    locks = [LockEntry(path=path, held=_held(path)) for path in _files(locks_dir) if path.suffix == ".lock"]
+    locks = [LockEntry(path=path, held=lock_is_held(path)) for path in _files(locks_dir) if path.suffix == ".lock"]
 
     inside_home = root == home or home in root.parents
     olive = _olive_leftovers([home] if inside_home else [home, root], {s.path for s in scratch if s.stale})
@@ -398,17 +398,6 @@ def _kept(root: Path, slots: dict[tuple[str, str], ArtifactEntry], records: list
                 queue += [slot] if slot not in kept else []
                 kept.setdefault(slot, []).append(f"read by {reader[0]}/{reader[1][:12]}")
     return kept
-
-
-def _held(path: Path) -> bool:
-    """Whether a living process holds the OS lock on ``path`` (probed without waiting)."""
-    lock = FileLock(path, thread_local=False)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        return True
-    lock.release()
-    return False
 
 
 def _olive_leftovers(tops: list[Path], stale: set[Path]) -> list[OliveLeftover]:

@@ -491,7 +491,7 @@ class AzureMLRegistry(ModelRegistry):
     def _transient(self, exc: BaseException) -> bool:
         from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
 
-        from oliveflow.tracking import causes
+        from oliveflow.errors import causes
 
         for cause in causes(exc):
             if isinstance(cause, (ServiceRequestError, ServiceResponseError)):  # no answer, timeouts included

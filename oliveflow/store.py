@@ -31,7 +31,7 @@ from typing import TypeVar
 from filelock import FileLock, Timeout
 from pydantic import BaseModel
 
-from oliveflow.errors import InputError, StageError
+from oliveflow.errors import InputError, StageError, causes
 from oliveflow.hashing import file_sha256, tree_files, tree_sha256, tree_size
 from oliveflow.results import Artifact
 
@@ -196,10 +196,7 @@ _LOW_SPACE = 64 << 20
 def _raise_if_disk_full(exc: BaseException, where: Path, stage: str, store: Path) -> None:
     """A StageError when ``exc`` came from a full disk: an ENOSPC/EDQUOT anywhere in its chain, or (for
     libraries that hide the OSError, such as torch.save) less than 64 MiB left where the output was written."""
-    cause, full = exc, False
-    while cause is not None and not full:
-        full = isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)
-        cause = cause.__cause__ or cause.__context__
+    full = any(isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT) for cause in causes(exc))
     free = shutil.disk_usage(where).free
     if full or free < _LOW_SPACE:
         raise StageError(f"{stage}: the disk holding the artifact store {store} is full ({free / 1e6:.1f} MB free; "
@@ -270,14 +267,21 @@ def stale_scratch(parent: Path) -> list[Path]:
         folder = Path(str(path).removesuffix(".lock"))
         if not folder.name.startswith(SCRATCH_PREFIXES) or (path != folder and folder.exists()):
             continue  # not scratch, or a lock file whose folder is judged on its own
-        lock = FileLock(f"{folder}.lock", thread_local=False)
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            continue  # a living writer holds it
-        lock.release()
-        stale.append(path)
+        if not lock_is_held(Path(f"{folder}.lock")):  # else a living writer holds it
+            stale.append(path)
     return stale
+
+
+def lock_is_held(path: Path) -> bool:
+    """Whether a living process holds the OS lock on ``path``, probed without waiting (a new descriptor, so
+    this process's own locks count as held too)."""
+    lock = FileLock(path, thread_local=False)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    lock.release()
+    return False
 
 
 def sweep_scratch(parent: Path) -> int:

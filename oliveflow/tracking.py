@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 from pydantic import BaseModel, ConfigDict, Field
 
 from oliveflow.config import REPO_ROOT, oliveflow_home, template_fields
-from oliveflow.errors import ServiceError
+from oliveflow.errors import ServiceError, causes
 from oliveflow.sft import split_template
 from oliveflow.hashing import config_sha256
 from oliveflow.results import BaseModelRef, DataReport, PipelineResult
@@ -267,15 +267,6 @@ def _check_is_mlflow_store(db: Path) -> None:
         raise damage from exc
     if tables and "experiment_id" not in columns:
         raise _damaged(db, f"is an SQLite database but not an MLflow store (tables: {', '.join(tables[:6])})")
-
-
-def causes(exc: BaseException | None) -> Iterator[BaseException]:
-    """``exc`` and what it was raised from or during (clients wrap the error that tells what happened)."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
 
 
 def _sqlite_code(exc: BaseException) -> int | None:

@@ -14,6 +14,7 @@ from prefect_redis.locking import RedisLockManager
 from redis.exceptions import LockError
 
 from oliveflow.config import oliveflow_home
+from oliveflow.store import lock_is_held
 
 
 class HostLockManager:
@@ -63,15 +64,7 @@ class HostLockManager:
         self._held.pop(key)[1].release()
 
     def is_locked(self, key: str) -> bool:
-        if key in self._held:
-            return True
-        probe = self._file_lock(key)
-        try:
-            probe.acquire(timeout=0)
-        except Timeout:
-            return True
-        probe.release()
-        return False
+        return key in self._held or lock_is_held(Path(self._file_lock(key).lock_file))
 
     def is_lock_holder(self, key: str, holder: str) -> bool:
         held = self._held.get(key)

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from oliveflow.config import DEFAULT_TEMPLATE, DataConfig, template_fields
-from oliveflow.errors import InputError
+from oliveflow.errors import InputError, causes
 from oliveflow.hashing import file_sha256
 from oliveflow.results import DataReport
 from oliveflow.sft import chat_format_template, render, split_template
@@ -151,10 +151,8 @@ def check_finetune_can_read(path: Path, shown: str | Path | None = None) -> None
             for _ in rows:  # each row decoded, every field too, as the fine-tune's map over the rows does
                 pass
     except Exception as exc:  # whatever it raises here, the fine-tune would raise after quantizing
-        causes = [exc]
-        while causes[-1].__cause__ or causes[-1].__context__:
-            causes.append(causes[-1].__cause__ or causes[-1].__context__)
-        reason = next((c for c in causes if "Arrow" in type(c).__name__), causes[0])  # pyarrow's says most
+        chain = list(causes(exc))
+        reason = next((c for c in chain if "Arrow" in type(c).__name__), exc)  # pyarrow's says most
         text = " ".join(str(reason).split())[:200] or type(reason).__name__
         raise InputError(f"data file {name}: the fine-tune's reader (Hugging Face datasets) cannot read it "
                          f"({text}); give each field one JSON type on every line, drop the fields the template "
