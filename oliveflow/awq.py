@@ -10,10 +10,11 @@ the float weights so that round-to-nearest (same bits, group size and symmetry) 
    activations) get a finer quantization grid. ``alpha`` is searched on a grid in [0, 1];
    ``alpha = 0`` is plain RTN, so the chosen scales never do worse on the calibration data.
 2. Clipping search (optional). Each group of a weight row is clamped to ``ratio`` of its
-   range where that lowers the group's output error on a token sample.
+   range where that lowers the group's output error on the calibration tokens.
 
-The pseudo-quantizer in both searches is Olive's own ``WeightQuantizer.fake_quantize``, so
-the searches optimise the exact grid ``Rtn`` will produce. Work goes layer by layer (inputs
+The pseudo-quantizer in both searches is ``fake_quantize``: Olive's ``WeightQuantizer`` grid in
+a third of the passes (bit-identical, tested), so the searches optimise the exact grid ``Rtn``
+will produce. Work goes layer by layer (inputs
 of layer ``i + 1`` are the float outputs of layer ``i``), as AutoAWQ does, so memory stays
 at one layer's activations. Everything runs on the model's device.
 
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
 HEAD_TOKENS = 2048
 # Largest relative error a norm fold may introduce when stored in the norm's dtype.
 FOLD_TOLERANCE = 1e-2
-# Elements per chunk of the clipping search's [groups, tokens, rows] products (~64 MB float32).
+# Weight elements per chunk of the clipping search (its [rows, groups, k] candidates: ~64 MB float32).
 CLIP_CHUNK_ELEMENTS = 1 << 24
 
 
@@ -58,11 +59,11 @@ class AwqSettings:
     bits: int = 4
     group_size: int = 32
     symmetric: bool = True
-    grid: int = 20  # alpha in {0, 1/grid, ..., 1}
+    grid: int = 10  # alpha in {0, 1/grid, ..., 1}; 20 was no better on the real model (bench_awq_sizing)
     clip: bool = True  # weight clipping search after scaling
     clip_grid: int = 20  # clip ratios 1, 1 - 1/clip_grid, ... (AutoAWQ's n_grid)
     clip_max_shrink: float = 0.5  # ratios stop above 1 - clip_max_shrink (AutoAWQ's max_shrink)
-    clip_tokens: int = 512  # token subsample for clipping (AutoAWQ's n_sample_token)
+    search_tokens: int = 512  # tokens the attention and MLP blocks run on per alpha (0: all calibration tokens)
     lm_head: bool = True  # also the final norm -> lm_head pair (Olive Rtn with lm_head=True)
     max_calibration_tokens: int = 4096
     calibration_seq_len: int = 512  # pack samples into rows of this many tokens (0: use them as given)
@@ -76,8 +77,8 @@ class AwqSettings:
             raise InputError("awq: grid and clip_grid must be >= 1")
         if not 0 <= self.clip_max_shrink < 1:
             raise InputError(f"awq: clip_max_shrink={self.clip_max_shrink} must be in [0, 1)")
-        if self.clip_tokens < 1 or self.max_calibration_tokens < 1 or self.calibration_seq_len < 0:
-            raise InputError("awq: clip_tokens and max_calibration_tokens must be >= 1, calibration_seq_len >= 0")
+        if self.search_tokens < 0 or self.max_calibration_tokens < 1 or self.calibration_seq_len < 0:
+            raise InputError("awq: max_calibration_tokens must be >= 1, search_tokens and calibration_seq_len >= 0")
 
     def quantizer(self) -> WeightQuantizer:
         # Imported here: `olive` costs seconds to import and most callers of this module never search.
@@ -153,6 +154,37 @@ def channel_scales(x_abs_mean: Tensor, alpha: float) -> Tensor:
     return scales / (scales.max() * scales.min()).sqrt()
 
 
+@torch.no_grad()
+def fake_quantize(quantizer: WeightQuantizer, tensor: Tensor) -> Tensor:
+    """``quantizer.fake_quantize(tensor)``, bit for bit, in fewer passes over the weight.
+
+    Olive's version makes about 15 full passes and a host sync per call; the searches call it
+    (grid + 1) times per linear and once per clip ratio, which made it most of AWQ's CPU time.
+    The steps and their order (divide, add the zero point, round, clamp, subtract, multiply) are
+    Olive's ``find_qparams`` / ``quantize`` / ``dequantize``, so every rounding is the same.
+    """
+    shape = tensor.shape
+    if quantizer.group_size == 0:
+        groups = tensor.reshape(1, 1, -1)
+    else:
+        groups = tensor.reshape(shape[0], quantizer.get_num_groups(shape), -1)
+    low, high = torch.aminmax(groups, dim=-1)
+    low, high = low.clamp(max=0), high.clamp(min=0)
+    if quantizer.symmetric:
+        high = torch.maximum(-low, high)
+        low = torch.where(low < 0, -high, low)
+    empty = (low == 0) & (high == 0)
+    low, high = low.masked_fill(empty, -1), high.masked_fill(empty, 1)
+    scales = (high - low) / (quantizer.maxq - quantizer.minq)
+    if quantizer.symmetric:
+        zero = torch.full_like(scales, quantizer.midq)
+    else:
+        zero = torch.round(quantizer.minq - low / scales).clamp(quantizer.minq, quantizer.maxq)
+    scales, zero = scales.unsqueeze(-1), zero.unsqueeze(-1)
+    codes = torch.div(groups, scales).add_(zero).round_().clamp_(quantizer.minq, quantizer.maxq)
+    return codes.sub_(zero).mul_(scales).reshape(shape)
+
+
 def scaled_fake_quantize(weight: Tensor, scales: Tensor, quantizer: WeightQuantizer) -> Tensor:
     """``Q(W * s) / s``: the weight an input ``x`` effectively meets after folding ``s``.
 
@@ -160,7 +192,7 @@ def scaled_fake_quantize(weight: Tensor, scales: Tensor, quantizer: WeightQuanti
     Olive's Rtn then quantizes (in that dtype).
     """
     scaled = (_wide(weight) * scales).to(weight.dtype)
-    return (_wide(quantizer.fake_quantize(scaled)) / scales).to(weight.dtype)
+    return (_wide(fake_quantize(quantizer, scaled)) / scales).to(weight.dtype)
 
 
 def _wide(t: Tensor) -> Tensor:
@@ -436,21 +468,84 @@ class ScaleSearch:
     rejected: int  # alphas whose fold the previous op's dtype cannot store
 
 
-def _output_mse(run: BlockRunner, inputs: Sequence[Tensor], targets: Sequence[Tensor]) -> float:
-    total, count = 0.0, 0
-    for i, (x, target) in enumerate(zip(inputs, targets)):
-        out = _wide(run(x, i))
-        total += float((out - target).pow(2).sum())
-        count += target.numel()
-    return total / count
+LossFn = Callable[[], float]  # the group's output MSE under the linears' current weights
+
+
+def _block_loss(run: BlockRunner, inputs: Sequence[Tensor], limit: int, per_token: bool) -> LossFn:
+    """MSE of the block's output against the float block's, on at most ``limit`` of the inputs' tokens.
+
+    The block (attention, MLP) runs once per alpha, so its tokens set the search's cost; the channel
+    statistics that define the scales still come from every calibration token. The sample is spread
+    evenly: whole rows for the attention (its calls carry per-row masks and positions), tokens otherwise.
+    """
+    picked = _spread(inputs, limit, per_token)
+    targets = [_wide(run(x, i)) for i, x in picked]
+
+    def loss() -> float:
+        total, count = 0.0, 0
+        for (i, x), target in zip(picked, targets):
+            total += float((_wide(run(x, i)) - target).pow(2).sum())
+            count += target.numel()
+        return total / count
+
+    return loss
+
+
+def _linear_loss(linear: nn.Linear, inputs: Sequence[Tensor]) -> LossFn:
+    """The same MSE for a block that is one linear, from the inputs' Gram matrix ``G = X^T X``.
+
+    ``sum_t ||x_t dW^T||^2 = sum(dW G * dW)``: each alpha then costs in^2 x out instead of
+    tokens x in x out, and every calibration token counts.
+    """
+    gram, tokens = _gram(inputs)
+    reference = _wide(linear.weight).clone()
+
+    def loss() -> float:
+        delta = _wide(linear.weight) - reference
+        return float(((delta @ gram) * delta).sum()) / (tokens * linear.out_features)
+
+    return loss
+
+
+def _gram(inputs: Sequence[Tensor]) -> tuple[Tensor, int]:
+    gram, tokens = None, 0
+    for x in inputs:
+        flat = _wide(x.reshape(-1, x.shape[-1]))
+        part = flat.T @ flat
+        gram = part if gram is None else gram + part
+        tokens += flat.shape[0]
+    assert gram is not None
+    return gram, tokens
+
+
+def _spread(inputs: Sequence[Tensor], limit: int, per_token: bool) -> list[tuple[int, Tensor]]:
+    """(batch index, input) pairs holding about ``limit`` tokens, evenly spread over the inputs."""
+    total = sum(x.shape[:-1].numel() for x in inputs)
+    if total <= limit:
+        return list(enumerate(inputs))
+    if per_token:
+        flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs])
+        return [(0, flat[::math.ceil(total / limit)])]
+    keep = max(1, round(len(inputs) * limit / total))
+    picks = sorted({round(j * (len(inputs) - 1) / max(1, keep - 1)) for j in range(keep)})
+    return [(i, inputs[i]) for i in picks]
 
 
 @torch.no_grad()
 def search_scales(group: ScaleGroup, inputs: Sequence[Tensor], run: BlockRunner,
-                  quantizer: WeightQuantizer, grid: int) -> ScaleSearch:
-    """Grid-search alpha for one group; the group's weights are restored before returning."""
+                  quantizer: WeightQuantizer, grid: int, search_tokens: int | None = None) -> ScaleSearch:
+    """Grid-search alpha for one group; the group's weights are restored before returning.
+
+    A block that is a single linear is scored exactly on every token (``_linear_loss``) when that is
+    cheaper than running it; other blocks run on ``search_tokens`` tokens (None: all).
+    """
     x_mean = _abs_mean(inputs)
-    targets = [_wide(run(x, i)) for i, x in enumerate(inputs)]
+    tokens = sum(x.shape[:-1].numel() for x in inputs)
+    single = group.linears == [group.inspect] and isinstance(group.inspect, nn.Linear)
+    if single and group.inspect.in_features < tokens:
+        loss_of = _linear_loss(group.inspect, inputs)
+    else:
+        loss_of = _block_loss(run, inputs, search_tokens or tokens, per_token=group.input_key != "attn")
     originals = [linear.weight.detach().clone() for linear in group.linears]
     best: tuple[float, float, Tensor] | None = None
     loss_rtn = math.nan
@@ -464,7 +559,7 @@ def search_scales(group: ScaleGroup, inputs: Sequence[Tensor], run: BlockRunner,
                 continue
             for linear, weight in zip(group.linears, originals):
                 linear.weight.copy_(scaled_fake_quantize(weight, scales, quantizer))
-            loss = _output_mse(run, inputs, targets)
+            loss = loss_of()
             if step == 0:
                 loss_rtn = loss
             # Strictly better only: ties keep the smaller alpha (alpha 0 = no change at all).
@@ -493,23 +588,24 @@ def search_clip(weight: Tensor, x: Tensor, quantizer: WeightQuantizer, *, grid: 
     ``weight`` is [rows, in_features] in the dtype Rtn will see; ``x`` is [tokens, in_features].
     Symmetric grids clamp to ``+-ratio * absmax``, asymmetric ones to ``ratio * [min, max]``.
     Groups are independent under group-wise quantization, so the per-group choice is exact
-    for the sum of per-group partial-output errors (AutoAWQ's objective).
+    for the sum of per-group partial-output errors (AutoAWQ's objective). Each group's error is
+    ``d G_g d^T / tokens`` with ``G_g`` the group's [k, k] Gram matrix of ``x``: a ratio costs
+    rows x in x k, whatever the number of tokens.
     """
     rows, cols = weight.shape
     group_size = quantizer.group_size if quantizer.group_size > 0 else cols
     groups = cols // group_size
     xg = _wide(x).reshape(-1, groups, group_size).transpose(0, 1)  # [g, n, k]
-    tokens = xg.shape[1]
+    gram = torch.bmm(xg.transpose(1, 2), xg) / xg.shape[1]  # [g, k, k], the mean over tokens
     steps = max(1, int(max_shrink * grid))
     clipped = torch.empty(rows, cols, dtype=xg.dtype, device=weight.device)
     err_before = torch.empty(rows, groups, dtype=xg.dtype, device=weight.device)
     err_after = torch.empty(rows, groups, dtype=xg.dtype, device=weight.device)
     ratio_sum = 0.0
-    chunk = max(1, CLIP_CHUNK_ELEMENTS // (groups * tokens))
+    chunk = max(1, CLIP_CHUNK_ELEMENTS // (groups * group_size))
     for start in range(0, rows, chunk):
         w = weight[start:start + chunk]
         wg = _wide(w).reshape(-1, groups, group_size).to(xg.dtype)  # [r, g, k]
-        reference = torch.bmm(xg, wg.permute(1, 2, 0))  # [g, n, r]
         if quantizer.symmetric:
             hi = wg.abs().amax(-1, keepdim=True)
             lo = -hi
@@ -520,9 +616,9 @@ def search_clip(weight: Tensor, x: Tensor, quantizer: WeightQuantizer, *, grid: 
         for step in range(steps):
             ratio = 1 - step / grid
             candidate = torch.maximum(torch.minimum(wg, hi * ratio), lo * ratio)
-            q = quantizer.fake_quantize(candidate.reshape(w.shape).to(weight.dtype)).to(xg.dtype)
-            out = torch.bmm(xg, q.reshape(wg.shape).permute(1, 2, 0))
-            err = (out - reference).pow(2).mean(1).transpose(0, 1)  # [r, g]
+            q = fake_quantize(quantizer, candidate.reshape(w.shape).to(weight.dtype)).to(xg.dtype)
+            delta = (q.reshape(wg.shape) - wg).transpose(0, 1)  # [g, r, k]
+            err = (torch.bmm(delta, gram) * delta).sum(-1).transpose(0, 1)  # [r, g]
             if step == 0:
                 err_before[start:start + chunk] = err
             better = err < best_err
@@ -716,7 +812,8 @@ def _process(name: str, plan: _LayerPlan, captured: _Captured, quantizer: Weight
     skipped = list(plan.skipped)
     for group in plan.groups:
         xs = captured.inputs[group.input_key]
-        found = search_scales(group, xs, _runner(group, captured), quantizer, settings.grid)
+        found = search_scales(group, xs, _runner(group, captured), quantizer, settings.grid,
+                              settings.search_tokens or None)
         if found.rejected:
             skipped.append(f"{group.name}: {found.rejected} alphas rejected, the fold would lose precision in "
                            f"the previous op's dtype")
@@ -728,7 +825,7 @@ def _process(name: str, plan: _LayerPlan, captured: _Captured, quantizer: Weight
     clips: list[AwqClipReport] = []
     if settings.clip:
         for target in plan.clips:
-            x = _token_sample(captured.inputs[target.input_key], settings.clip_tokens)
+            x = torch.cat([x.reshape(-1, x.shape[-1]) for x in captured.inputs[target.input_key]])
             rows = target.linear.weight[target.rows]
             found_clip = search_clip(rows, x, quantizer, grid=settings.clip_grid, max_shrink=settings.clip_max_shrink)
             rows.copy_(found_clip.weight.to(rows.dtype))

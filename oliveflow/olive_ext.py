@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import logging
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -40,6 +41,7 @@ from peft.tuners.lora.layer import LoraLayer
 from transformers import TrainerCallback
 
 
+log = logging.getLogger(__name__)
 LOG_HISTORY = "log_history.json"
 SFT_PRE_PROCESS = "oliveflow_sft"
 
@@ -59,13 +61,43 @@ def _dequantized_forward(self: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(x, weight, bias=self.bias).to(x.dtype)
 
 
+# The float copy of the base may take at most this share of the device's free memory; the rest is left for
+# activations, LoRA gradients and the optimizer.
+FLOAT_BASE_SHARE = 0.5
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory a new allocation can use now: free GPU memory, or the host's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
 def dequantize_once(model: torch.nn.Module) -> torch.nn.Module:
-    """Make every ``QuantLinear`` of ``model`` keep one float copy of its frozen weight (memory: one float base)."""
+    """Make every ``QuantLinear`` of ``model`` keep one float copy of its frozen weight, when that copy fits.
+
+    It costs one float copy of the base (e.g. 0.5 GB for a 135 M model in float32, 7.6 GB for Phi-3.5-mini in
+    bfloat16). When that is more than ``FLOAT_BASE_SHARE`` of the free memory, the layers keep unpacking their
+    int4 codes on every pass (about 10% slower on a 135 M model, ``bench/bench_lora_step.py``), and a warning
+    says so: same numbers, less memory.
+    """
     import types
 
-    for module in model.modules():
-        if isinstance(module, QuantLinear):
-            module.forward = types.MethodType(_dequantized_forward, module)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    if not layers:
+        return model
+    need = sum(m.rows * m.cols * m.scales.element_size() for m in layers)
+    device = layers[0].qweight.device
+    free = free_memory_bytes(device)
+    if need > FLOAT_BASE_SHARE * free:
+        log.warning("the float copy of the int4 base (%.2f GB) does not fit in half of the %.2f GB free on %s: "
+                    "unpacking the int4 weights on every pass instead (slower, same results)",
+                    need / 1e9, free / 1e9, device)
+        return model
+    for module in layers:
+        module.forward = types.MethodType(_dequantized_forward, module)
     return model
 
 
@@ -331,13 +363,16 @@ class Awq(Rtn):
         from olive.data.config import DataConfig
         from olive.passes.pass_config import PassConfigParam
 
+        from oliveflow.awq import AwqSettings
+
         return {
             **super()._default_config(accelerator_spec),
             "data_config": PassConfigParam(type_=Union[DataConfig, dict], required=True,
                                            description="Calibration data (the project's own examples)."),
-            "grid": PassConfigParam(type_=int, default_value=20, description="Scale exponents tried per group."),
+            "grid": PassConfigParam(type_=int, default_value=AwqSettings.grid,
+                                    description="Scale exponents tried per group."),
             "clip": PassConfigParam(type_=bool, default_value=True, description="Search weight clipping too."),
-            "max_calibration_tokens": PassConfigParam(type_=int, default_value=4096,
+            "max_calibration_tokens": PassConfigParam(type_=int, default_value=AwqSettings.max_calibration_tokens,
                                                       description="Calibration tokens used."),
         }
 

@@ -297,3 +297,29 @@ def test_awq_quantize_is_bit_reproducible(chain, tmp_path):
 
     again = quantize(chain["base"], QuantizeConfig(group_size=32), tmp_path, data=chain["data"])
     assert again.artifact.sha256 == chain["quantized"].artifact.sha256
+
+
+@pytest.mark.parametrize("fits", [True, False])
+def test_lora_base_is_unpacked_once_when_it_fits_else_every_pass(chain, fits, monkeypatch, caplog):
+    """The float copy of the int4 base is kept only when it fits in half the free memory; either way the layers
+    compute the same outputs, from the int4 grid that ships."""
+    from olive.common.quant.nn import QuantLinear
+    from olive.model import HfModelHandler
+
+    from oliveflow import olive_ext
+
+    model = HfModelHandler(model_path=str(chain["quantized"].model_dir)).load_model()
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    need = sum(m.rows * m.cols * m.scales.element_size() for m in layers)
+    monkeypatch.setattr(olive_ext, "free_memory_bytes", lambda device: 3 * need if fits else need)
+    x = torch.randn(2, 5, layers[0].cols)
+    expected = layers[0](x)
+    olive_ext.dequantize_once(model)
+    got = layers[0](x)
+    cached = "_oliveflow_weight" in layers[0].__dict__
+    assert cached is fits
+    assert ("does not fit" in caplog.text) is not fits
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+    if fits:  # the kept copy is exactly the layer's own dequantized int4 weight
+        unpacked = layers[0].unpack_and_dequantize(layers[0].qweight, layers[0].scales, layers[0].qzeros)
+        assert torch.equal(layers[0].__dict__["_oliveflow_weight"], unpacked)
