@@ -164,7 +164,8 @@ def table(report: dict) -> str:
               f"({lora['seconds_per_step']['int4']} / {lora['seconds_per_step']['float']} s) | <= 1.3 |",
               f"| decode: tokens/s x bytes per token / bandwidth (default export) | {decode['headline']} | |"]
     lines += ["", "Growth (`bench_growth.py`: random-weight SmolLM2-shaped models whose decoder parameters double; "
-              "slope of log time on log decoder parameters, 0.8-1.2 = linear):", "",
+              "the stage's own seconds (wall time of its process in brackets); slope of log time on log decoder "
+              "parameters, 0.8-1.2 = linear):", "",
               "| stage | " + " | ".join(f"{s['layers']} layers ({s['non_embedding_parameters'] / 1e6:.0f} M + "
                                         f"{(s['parameters'] - s['non_embedding_parameters']) / 1e6:.0f} M embedding)"
                                         for s in report["growth"]["sizes"])
@@ -172,10 +173,14 @@ def table(report: dict) -> str:
               "| --- | " + " | ".join("---:" for _ in report["growth"]["sizes"]) + " | ---: | --- |"]
     for stage in STAGES:
         entry = report["growth"]["linearity"].get(stage, {})
-        walls = [r["stages"].get(stage, {}).get("wall_seconds") for r in report["growth"]["runs"]]
-        wall = entry.get("wall", {})
-        lines.append(f"| {stage} | " + " | ".join(f"{w:.1f} s" if w else "-" for w in walls)
-                     + f" | {wall.get('loglog_slope', '-')} | {wall.get('verdict', entry.get('verdict', '-'))} |")
+        cells = []
+        for run in report["growth"]["runs"]:
+            record = run["stages"].get(stage) or {}
+            own, wall = record.get("stage_seconds"), record.get("wall_seconds")
+            cells.append("-" if wall is None else (f"{own:.1f} s ({wall:.1f} s)" if own else f"({wall:.1f} s)"))
+        fit = entry.get("stage_seconds") or entry.get("wall") or {}
+        lines.append(f"| {stage} | " + " | ".join(cells)
+                     + f" | {fit.get('loglog_slope', '-')} | {fit.get('verdict', entry.get('verdict', '-'))} |")
     lines += ["", MARKERS[1]]
     return "\n".join(lines)
 
