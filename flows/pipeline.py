@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from pathlib import Path
 from uuid import UUID
 
 from prefect import flow, get_client, get_run_logger
@@ -16,6 +15,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
 from prefect.runtime import deployment
 
+from flows.server import STARTUP_FAILURE, TemporaryServer, start_server, stop_server, wait_healthy
 from oliveflow.config import PipelineParams, overlay
 from oliveflow.errors import ServiceError
 from oliveflow.output import check_output_dir, publish
@@ -23,7 +23,7 @@ from oliveflow.report import markdown
 from oliveflow.results import PipelineResult
 from oliveflow.registry import check_registry_settings
 from oliveflow.store import ArtifactStore
-from oliveflow.tracking import current_lineage
+from oliveflow.tracking import current_lineage, preload_mlflow
 from tasks.publish import register_task, track_task
 from tasks.stages import (
     export_key, export_task, finetune_key, finetune_task, quantize_key, quantize_task, resolve_model_task,
@@ -107,28 +107,42 @@ def pipeline(params: PipelineParams = PipelineParams()) -> PipelineResult:
 # Prefect gives its temporary server 20 s; a fresh $PREFECT_HOME on a busy 2-core machine (load ~6) missed that
 # (it also creates its database then). Local runs get this budget unless the user set one.
 STARTUP_BUDGET_SECONDS = 300
-_STARTUP_FAILURE = "ephemeral Prefect API server"
 
 
-def run_local(params: PipelineParams | None = None) -> PipelineResult:
-    """``pipeline(params)`` as a local run starts it: a start-up budget sized for a slow machine, one retry if the
-    temporary Prefect server still does not come up, then one line saying what to do."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+def run_local(params: PipelineParams | None = None, server: TemporaryServer | None = None) -> PipelineResult:
+    """``pipeline(params)`` as a local run starts it: on a temporary Prefect server (``server``, started earlier by
+    the caller so that it came up while the caller imported, else started here) unless the user set
+    PREFECT_API_URL, a start-up budget sized for a slow machine, one retry if the server still does not come up,
+    then one line saying what to do. The servers are stopped before this returns."""
+    from prefect.settings import (
+        PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, PREFECT_UI_URL, get_current_settings,
+        temporary_settings,
+    )
 
     params = params or PipelineParams()
     user_set = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in os.environ or PREFECT_API_URL.value()
     budget = {} if user_set else {PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: STARTUP_BUDGET_SECONDS}
     with temporary_settings(updates=budget):
+        seconds = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
         for attempt in (1, 2):
             try:
-                if not PREFECT_API_URL.value():
-                    _start_temporary_server()
-                return pipeline(params)
+                if PREFECT_API_URL.value():  # the user's server (a profile may set it too)
+                    return pipeline(params)
+                server = server or start_server(get_current_settings().to_environment_variables(exclude_unset=True))
+                if params.tracking.enabled:
+                    preload_mlflow()  # while the server starts
+                wait_healthy(server, seconds)
+                # No UI on it: no "View at" link to one (Prefect's ephemeral mode prints none either).
+                with temporary_settings(updates={PREFECT_API_URL: server.api_url,
+                                                 PREFECT_UI_URL: PREFECT_UI_URL.value() or ""}):
+                    try:
+                        return pipeline(params)
+                    finally:
+                        _drain_to_server()
             except RuntimeError as exc:  # raised before the flow run exists: retrying cannot run anything twice
-                if _STARTUP_FAILURE not in str(exc):
+                if STARTUP_FAILURE not in str(exc):
                     raise
                 if attempt == 2:
-                    seconds = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
                     raise ServiceError(
                         f"Prefect's temporary API server did not start within {seconds} s, twice (a busy machine?); "
                         "raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or start a server (prefect server "
@@ -136,33 +150,19 @@ def run_local(params: PipelineParams | None = None) -> PipelineResult:
             finally:
                 # Stopped here, not at exit: a half-started server would outlive the process, and a running
                 # one's goodbye would be printed after the run's last line.
-                _stop_temporary_server()
+                if server is not None:
+                    stop_server(server)
+                    server = None
     raise AssertionError("unreachable")
 
 
-def _start_temporary_server() -> None:
-    """Start this process's temporary Prefect server (the flow then uses it), one process at a time per
-    $PREFECT_HOME: the first server of a fresh home creates its database, and a second server started meanwhile
-    migrated the half-made tables too (``NoSuchTableError``, ``table ... already exists``)."""
-    from filelock import FileLock
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_HOME
-
-    home = Path(PREFECT_HOME.value()).expanduser()
-    home.mkdir(parents=True, exist_ok=True)
-    with FileLock(home / ".oliveflow-server-start.lock"):
-        SubprocessASGIServer().start()
-
-
-def _stop_temporary_server() -> None:
+def _drain_to_server() -> None:
+    """What the log and event workers still hold goes to the server before it stops."""
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
-    from prefect.server.api.server import SubprocessASGIServer
 
-    for worker in (APILogWorker, EventsWorker):  # what they still hold goes to the server before it stops
+    for worker in (APILogWorker, EventsWorker):
         worker.drain_all(timeout=10)
-
-    SubprocessASGIServer().stop()  # the singleton the ephemeral client started
 
 
 if __name__ == "__main__":

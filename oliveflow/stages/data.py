@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -10,9 +11,9 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from oliveflow.config import DEFAULT_TEMPLATE, DataConfig, template_fields
+from oliveflow.config import DEFAULT_TEMPLATE, DataConfig, oliveflow_home, template_fields
 from oliveflow.errors import InputError, causes
-from oliveflow.hashing import file_sha256
+from oliveflow.hashing import config_sha256, file_sha256, library_versions
 from oliveflow.results import DataReport
 from oliveflow.sft import chat_format_template, render, split_template
 from oliveflow.store import host_copies, is_url, url_filesystem
@@ -130,11 +131,19 @@ def _structure_problem(row: dict, surrogates: bool) -> str | None:
     return None
 
 
-def check_finetune_can_read(path: Path, shown: str | Path | None = None) -> None:
+def check_finetune_can_read(path: Path, shown: str | Path | None = None, sha256: str | None = None) -> None:
     """Refuse, up front, a file the fine-tune's reader cannot read: Hugging Face datasets' JSON builder, as Olive
     calls it for training and calibration data. It infers an Arrow type for every field, the ones the template does
     not use included, and fails on some files Python's json reads (a field with mixed types and a blank line above
-    it; a list of nulls and whitespace after the last line), after quantization has run."""
+    it; a list of nulls and whitespace after the last line), after quantization has run.
+
+    A file that passed is remembered by its content and the reader's versions (``$OLIVEFLOW_HOME/read-checks``):
+    every run checks its data twice (before the flow and in it), and importing the reader and loading cost ~2 s.
+    """
+    passed = oliveflow_home() / "read-checks" / config_sha256(
+        sha256 or file_sha256(path), library_versions(("datasets", "pyarrow")))
+    if passed.is_file():
+        return
     import logging
 
     import datasets
@@ -161,6 +170,9 @@ def check_finetune_can_read(path: Path, shown: str | Path | None = None) -> None
         datasets.logging.set_verbosity(verbosity)
         if not bars_were_off:
             enable_progress_bars()
+    with contextlib.suppress(OSError):  # a home that cannot be written only costs the check next time
+        passed.parent.mkdir(parents=True, exist_ok=True)
+        passed.touch()
 
 
 def _field(name: str) -> str:
@@ -177,12 +189,27 @@ def resolve_template(config: DataConfig, model_dir: Path) -> str:
     """The template a run uses: the one given, else the model's own chat template, else a Phi-3 style one."""
     if config.template:
         return config.template
+    # format, not two replaces: with prompt_field "response" the second replace would rewrite the first's result.
+    default = DEFAULT_TEMPLATE.format(prompt="{%s}" % config.prompt_field, response="{%s}" % config.response_field)
+    if not _has_chat_template(Path(model_dir)):
+        return default  # what the tokenizer would say, without importing transformers and torch (~3 s)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    # format, not two replaces: with prompt_field "response" the second replace would rewrite the first's result.
-    return chat_format_template(tokenizer, config.prompt_field, config.response_field) or \
-        DEFAULT_TEMPLATE.format(prompt="{%s}" % config.prompt_field, response="{%s}" % config.response_field)
+    return chat_format_template(tokenizer, config.prompt_field, config.response_field) or default
+
+
+def _has_chat_template(model_dir: Path) -> bool:
+    """Whether a model folder holds a chat template where transformers' tokenizer loading looks for one:
+    ``chat_template.jinja``, ``additional_chat_templates/*.jinja``, ``chat_template`` in tokenizer_config.json
+    (an unreadable config counts as having one: the tokenizer then says what is wrong)."""
+    if (model_dir / "chat_template.jinja").is_file() or any(model_dir.glob("additional_chat_templates/*.jinja")):
+        return True
+    config = model_dir / "tokenizer_config.json"
+    try:
+        return bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template")) if config.is_file() else False
+    except (OSError, ValueError, AttributeError):
+        return True
 
 
 def local_data_file(location: str) -> Path:
@@ -216,7 +243,9 @@ def validate_data(config: DataConfig, tokenizer=None) -> DataReport:
     train_path = local_data_file(config.train_path)
     eval_path = local_data_file(config.eval_path) if config.eval_path else None
     train = read_examples(train_path, fields, shown=config.train_path)
-    check_finetune_can_read(train_path, shown=config.train_path)  # the eval file is read with read_examples alone
+    train_sha256 = file_sha256(train_path)
+    # the eval file is read with read_examples alone
+    check_finetune_can_read(train_path, shown=config.train_path, sha256=train_sha256)
     evals = read_examples(eval_path, fields, shown=config.eval_path) if eval_path else []
     texts = ["".join(str(row[f]) for f in fields) for row in train]
     lengths = [len(t) for t in texts]
@@ -224,7 +253,7 @@ def validate_data(config: DataConfig, tokenizer=None) -> DataReport:
     return DataReport(
         train_path=train_path,
         eval_path=eval_path,
-        train_sha256=file_sha256(train_path),
+        train_sha256=train_sha256,
         eval_sha256=file_sha256(eval_path) if eval_path else None,
         fields=fields,
         rows=len(train),

@@ -5,7 +5,8 @@ from pydantic import ValidationError
 
 from oliveflow.config import DataConfig
 from oliveflow.errors import InputError
-from oliveflow.stages.data import prompt_and_reference, validate_data
+from oliveflow.config import DEFAULT_TEMPLATE
+from oliveflow.stages.data import prompt_and_reference, resolve_template, validate_data
 
 TEMPLATE = "<|user|>\n{prompt}<|end|>\n<|assistant|>\n{response}<|end|>"
 
@@ -110,3 +111,38 @@ def test_data_url_errors_name_the_url(tmp_path):
     fsspec.filesystem("memory").pipe_file(url, b'{"prompt": "a", "response": "b"}\nnot json\n')
     with pytest.raises(InputError, match=rf"{url}:2: not valid JSON"):
         validate_data(DataConfig(train_path=url, eval_path=None))
+
+
+def test_a_file_the_finetune_reader_took_is_not_read_again(monkeypatch, tmp_path):
+    monkeypatch.setenv("OLIVEFLOW_HOME", str(tmp_path / "home"))
+    train = write(tmp_path / "t.jsonl", rows(3))
+    validate_data(DataConfig(train_path=train, eval_path=None))
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("read again"))
+    validate_data(DataConfig(train_path=train, eval_path=None))  # same content: remembered
+    write(train, rows(4))
+    with pytest.raises(pytest.fail.Exception, match="read again"):
+        validate_data(DataConfig(train_path=train, eval_path=None))
+
+
+@pytest.mark.parametrize("where", ["none", "jinja", "additional", "config", "config-null"])
+def test_the_tokenizer_is_loaded_only_when_the_model_has_a_chat_template(where, monkeypatch, tmp_path):
+    config = {"bos_token": "<s>"}
+    if where == "jinja":
+        (tmp_path / "chat_template.jinja").write_text("{{ messages }}")
+    elif where == "additional":
+        (tmp_path / "additional_chat_templates").mkdir()
+        (tmp_path / "additional_chat_templates" / "tools.jinja").write_text("{{ messages }}")
+    elif where.startswith("config"):
+        config["chat_template"] = None if where == "config-null" else "{{ messages }}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    data = DataConfig(train_path=tmp_path / "t.jsonl")
+    if where in ("none", "config-null"):
+        assert resolve_template(data, tmp_path) == DEFAULT_TEMPLATE.format(prompt="{prompt}", response="{response}")
+    else:
+        with pytest.raises(pytest.fail.Exception, match="loaded"):
+            resolve_template(data, tmp_path)

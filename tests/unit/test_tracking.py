@@ -17,7 +17,7 @@ import pytest
 from oliveflow.config import REPO_ROOT
 from oliveflow.tracking import (
     CorruptStoreError, Lineage, TrackingError, artifact_root, current_lineage, default_tracking_uri, experiment_name,
-    flatten_params, prepare_store, track_run, tracking_uri,
+    flatten_params, prepare_store, size_latency_png, track_run, tracking_uri,
 )
 
 
@@ -117,6 +117,17 @@ def test_artifacts_configs_samples_and_chart(tracked, mlflow_uri, pipeline_resul
     # Artifacts sit beside the SQLite database, not in ./mlruns of the working folder.
     assert client.get_experiment(tracked.experiment_id).artifact_location.startswith(
         Path(mlflow_uri.removeprefix("sqlite:///")).parent.as_uri())
+
+
+def test_the_chart_is_drawn_once_per_content(monkeypatch, tmp_path, pipeline_result):
+    monkeypatch.setenv("OLIVEFLOW_HOME", str(tmp_path))
+    first = size_latency_png(pipeline_result)
+    assert first.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and first.is_relative_to(tmp_path / "charts")
+    monkeypatch.setattr("oliveflow.tracking.size_latency_chart", lambda result: pytest.fail("drawn again"))
+    assert size_latency_png(pipeline_result) == first
+    slower = pipeline_result.smoke.model_copy(update={"ttft_seconds": pipeline_result.smoke.ttft_seconds * 2})
+    with pytest.raises(pytest.fail.Exception, match="drawn again"):  # other numbers: another chart
+        size_latency_png(pipeline_result.model_copy(update={"smoke": slower}))
 
 
 def test_logged_pyfunc_model_answers_prompts(tracked, mlflow_uri, pipeline_result, run_params):
