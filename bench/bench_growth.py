@@ -57,8 +57,12 @@ LINEAR_SLOPE = (0.8, 1.2)
 
 
 def _tree_rss(proc: psutil.Process) -> int:
+    try:
+        tree = [proc, *proc.children(recursive=True)]
+    except psutil.Error:  # it exited between the caller's poll and now
+        return 0
     total = 0
-    for p in [proc, *proc.children(recursive=True)]:
+    for p in tree:
         try:
             total += p.memory_info().rss
         except psutil.Error:
