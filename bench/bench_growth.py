@@ -141,6 +141,17 @@ def run_stage(name: str, args: list[str], env: dict[str, str] | None = None, *, 
 # ---------------------------------------------------------------------------------------------
 
 
+def stage_args(common: list[str], out: Path, steps: int) -> dict[str, list[str]]:
+    """Each stage's ``oliveflow stage`` flags, chained through output folders under ``out``."""
+    dirs = {stage: str(out / stage) for stage in STAGES}
+    return {
+        "quantize": [*common, "--output", dirs["quantize"]],
+        "finetune": [*common, "--max-steps", str(steps), "--quantized", dirs["quantize"], "--output", dirs["finetune"]],
+        "export": [*common, "--quantized", dirs["quantize"], "--adapter", dirs["finetune"], "--output", dirs["export"]],
+        "smoke_test": [*common, "--onnx", dirs["export"]],
+    }
+
+
 def parameter_count(shape: dict, layers: int) -> dict:
     """Parameters of a Llama model of this shape (embedding, per layer, total), as save_pretrained stores them."""
     hidden, inter = shape["hidden_size"], shape["intermediate_size"]
@@ -239,16 +250,8 @@ def measure(sizes: list[int] | None = None, steps: int = 10, work_dir: Path | No
             build_seconds = round(time.perf_counter() - started, 2)
             log(f"[growth] {layers} layers, {params / 1e6:.2f} M params, built in {build_seconds} s; "
                 f"load {os.getloadavg()[0]:.2f}")
-            out = {stage: root / f"out-{layers}l" / stage for stage in STAGES}
-            common = ["--model", str(model), "--quantize", quantize, *extra]
-            args = {
-                "quantize": [*common, "--output", str(out["quantize"])],
-                "finetune": [*common, "--max-steps", str(steps), "--quantized", str(out["quantize"]),
-                             "--output", str(out["finetune"])],
-                "export": [*common, "--quantized", str(out["quantize"]), "--adapter", str(out["finetune"]),
-                           "--output", str(out["export"])],
-                "smoke_test": [*common, "--onnx", str(out["export"])],
-            }
+            args = stage_args(["--model", str(model), "--quantize", quantize, *extra], root / f"out-{layers}l",
+                              steps)
             stages = {}
             run = {"layers": layers, "parameters": params,
                    "non_embedding_parameters": params - parameter_count(shape, 0)["embedding"],

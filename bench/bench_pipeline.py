@@ -34,7 +34,7 @@ from pathlib import Path
 
 import psutil
 
-from bench_growth import _tree_rss, run_stage
+from bench_growth import _tree_rss, run_stage, stage_args
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -84,16 +84,7 @@ def cold_and_cached(home: Path, extra: list[str]) -> dict:
 
 def per_stage(home: Path, model: str, finetune_steps: int) -> dict:
     """Each stage as its own `oliveflow stage` process: wall time and peak RSS (the fine-tune with few steps)."""
-    out = {stage: home / "stages" / stage for stage in STAGES}
-    common = ["--model", model]
-    args = {
-        "quantize": [*common, "--output", str(out["quantize"])],
-        "finetune": [*common, "--max-steps", str(finetune_steps), "--quantized", str(out["quantize"]),
-                     "--output", str(out["finetune"])],
-        "export": [*common, "--quantized", str(out["quantize"]), "--adapter", str(out["finetune"]),
-                   "--output", str(out["export"])],
-        "smoke_test": [*common, "--onnx", str(out["export"])],
-    }
+    args = stage_args(["--model", model], home / "stages", finetune_steps)
     records = {}
     for stage in STAGES:
         record = run_stage(stage, args[stage], _env(home))

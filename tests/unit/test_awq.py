@@ -175,8 +175,9 @@ def test_scale_search_scores_a_block_like_a_linear_and_on_a_token_spread():
 
     spread = search_scales(group, [x], lambda inp, _: block(inp), _quantizer(), grid=10, search_tokens=128)
     sample = x[::4]  # 512 tokens, 128 asked: every 4th
-    effective = scaled_fake_quantize(linear.weight, channel_scales(x.abs().mean(0), 0.0), _quantizer())
-    expected_rtn = float((sample @ effective.T - sample @ linear.weight.T).pow(2).mean())
+    weight = linear.weight.detach()
+    effective = scaled_fake_quantize(weight, channel_scales(x.abs().mean(0), 0.0), _quantizer())
+    expected_rtn = float((sample @ effective.T - sample @ weight.T).pow(2).mean())
     assert spread.loss_rtn == pytest.approx(expected_rtn, rel=1e-9)
 
 
