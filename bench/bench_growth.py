@@ -90,20 +90,11 @@ def _last_json(text: str) -> dict | None:
                 pass
 
 
-def run_stage(name: str, args: list[str], env: dict[str, str] | None = None, *, check: bool = True,
-              interval: float = 0.05) -> dict:
-    """Run ``oliveflow stage NAME *args`` as a subprocess; return its wall time and process-tree peak RSS.
-
-    ``args`` are the stage's flags (``--model``, ``--output DIR``, ``--quantized DIR``, ``--param k=v`` ...);
-    ``env`` the whole environment (default: this process's). The result has ``wall_seconds``, ``peak_rss_mb``,
-    ``returncode``, ``stage_seconds`` (the stage's own ``seconds`` from its result, where it has one; the smoke
-    test has ``load_seconds`` etc. in ``result`` instead) and ``result`` (the JSON it printed). With ``check``, a
-    failed stage raises RuntimeError carrying its stderr tail; otherwise ``error`` holds that tail.
-    """
-    cmd = [_oliveflow(), "stage", name, *args]
+def run_sampled(cmd: list[str], env: dict[str, str], interval: float = 0.05
+                ) -> tuple[int, str, str, float, int]:
+    """Run ``cmd``: (return code, stdout, stderr, wall seconds, peak RSS bytes of its process tree, sampled)."""
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ if env is None else env))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     peak = 0
     watcher = psutil.Process(proc.pid)
 
@@ -118,11 +109,26 @@ def run_stage(name: str, args: list[str], env: dict[str, str] | None = None, *, 
     stdout, stderr = proc.communicate()
     wall = time.perf_counter() - started
     thread.join()
+    return proc.returncode, stdout, stderr, wall, peak
+
+
+def run_stage(name: str, args: list[str], env: dict[str, str] | None = None, *, check: bool = True,
+              interval: float = 0.05) -> dict:
+    """Run ``oliveflow stage NAME *args`` as a subprocess; return its wall time and process-tree peak RSS.
+
+    ``args`` are the stage's flags (``--model``, ``--output DIR``, ``--quantized DIR``, ``--param k=v`` ...);
+    ``env`` the whole environment (default: this process's). The result has ``wall_seconds``, ``peak_rss_mb``,
+    ``returncode``, ``stage_seconds`` (the stage's own ``seconds`` from its result, where it has one; the smoke
+    test has ``load_seconds`` etc. in ``result`` instead) and ``result`` (the JSON it printed). With ``check``, a
+    failed stage raises RuntimeError carrying its stderr tail; otherwise ``error`` holds that tail.
+    """
+    cmd = [_oliveflow(), "stage", name, *args]
+    returncode, stdout, stderr, wall, peak = run_sampled(cmd, dict(os.environ if env is None else env), interval)
     outcome = {"stage": name, "command": " ".join(["oliveflow", "stage", name, *args]),
-               "wall_seconds": round(wall, 2), "peak_rss_mb": round(peak / 2**20, 1), "returncode": proc.returncode}
-    if proc.returncode != 0:
+               "wall_seconds": round(wall, 2), "peak_rss_mb": round(peak / 2**20, 1), "returncode": returncode}
+    if returncode != 0:
         if check:
-            raise RuntimeError(f"oliveflow stage {name} failed ({proc.returncode}):\n{stderr[-3000:]}")
+            raise RuntimeError(f"oliveflow stage {name} failed ({returncode}):\n{stderr[-3000:]}")
         outcome["error"] = stderr[-3000:]
         return outcome
     result = _last_json(stdout)

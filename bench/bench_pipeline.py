@@ -28,13 +28,12 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import psutil
 
-from bench_growth import _tree_rss, run_stage, stage_args
+from bench_growth import run_sampled, run_stage, stage_args
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -50,24 +49,9 @@ def _env(home: Path) -> dict[str, str]:
 def run_once(home: Path, extra: list[str]) -> dict:
     """One `oliveflow run --json`: wall time, the process tree's peak RSS, and the run's own summary."""
     cmd = [str(Path(sys.executable).parent / "oliveflow"), "run", "--json", *extra]
-    started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(home))
-    peak = 0
-    watcher = psutil.Process(proc.pid)
-
-    def sample() -> None:
-        nonlocal peak
-        while proc.poll() is None:
-            peak = max(peak, _tree_rss(watcher))
-            time.sleep(0.05)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    stdout, stderr = proc.communicate()
-    wall = time.perf_counter() - started
-    thread.join()
-    if proc.returncode != 0:
-        raise SystemExit(f"oliveflow run failed ({proc.returncode}):\n{stderr[-3000:]}")
+    returncode, stdout, stderr, wall, peak = run_sampled(cmd, _env(home))
+    if returncode != 0:
+        raise SystemExit(f"oliveflow run failed ({returncode}):\n{stderr[-3000:]}")
     summary = json.loads(stdout.strip().splitlines()[-1])
     return {"wall_seconds": round(wall, 2), "peak_rss_mb": round(peak / 2**20, 1),
             "stages": summary["stages"], "size_reduction": summary["size_reduction"],
