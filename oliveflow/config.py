@@ -192,8 +192,22 @@ class FinetuneConfig(_Config):
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Training seed (0 to 4294967295).")
     precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Training precision: auto is bfloat16 on a CUDA GPU, float32 on CPU.")
-    gradient_checkpointing: bool = Field(False, description="Trade compute for memory (large models, long sequences).")
+    gradient_checkpointing: bool | None = Field(
+        None, description="Recompute activations in the backward pass (less memory, about a third more compute). "
+                          "Empty: chosen with the micro-batch to fit the device's memory (the log says what).")
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="Examples per forward pass; batch_size / micro_batch_size steps are accumulated "
+                                "into one optimizer step. Must divide batch_size. Empty: the largest that fits.")
+    gpu_memory_gb: float | None = Field(
+        None, gt=0, description="Plan for a GPU with this much memory (GiB) and cap this run to it, e.g. 24 to "
+                                "check that a run fits an A10 on a larger card. Empty: the GPU's free memory.")
 
+    @model_validator(mode="after")
+    def _micro_batch_divides(self) -> FinetuneConfig:
+        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
+            raise ValueError(f"finetune.micro_batch_size {self.micro_batch_size} does not divide batch_size "
+                             f"{self.batch_size}; pick a divisor (or leave it empty)")
+        return self
 
     def for_model(self, parameters: int) -> FinetuneConfig:
         """This config with learning rate and alpha, where left empty, chosen for a model of that size."""

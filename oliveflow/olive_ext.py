@@ -188,6 +188,16 @@ class _TrainableOliveHfQuantizer(OliveHfQuantizer):
 class QuantLoRA(LoRA):
     """Olive's LoRA pass, able to train on Olive-quantized (``QuantLinear``) models."""
 
+    @classmethod
+    def _default_config(cls, accelerator_spec):
+        from olive.passes.pass_config import PassConfigParam
+
+        return {
+            **super()._default_config(accelerator_spec),
+            "float_base": PassConfigParam(type_=bool, default_value=True,
+                                          description="Keep one float copy of the frozen int4 base (dequantize_once)."),
+        }
+
     @staticmethod
     def get_peft_model(model, config, config_kwargs=None):
         from peft import LoraConfig, get_peft_model
@@ -212,7 +222,10 @@ class QuantLoRA(LoRA):
         from transformers import set_seed
 
         set_seed(_training_seed(config))
-        return get_peft_model(dequantize_once(model), lora_config)
+        # Olive turns loss kwargs off (an old transformers issue); on, the Trainer divides the summed loss by the
+        # tokens of the whole accumulated batch, so micro-batches x accumulation learn what one batch would.
+        model.accepts_loss_kwargs = True
+        return get_peft_model(dequantize_once(model) if config.float_base else model, lora_config)
 
     def train_and_save_new_model(self, model, tokenizer, config, output_model, output_model_path):
         # Olive discards the Trainer's log history; keep it beside the adapter (loss per step).

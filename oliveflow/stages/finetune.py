@@ -10,6 +10,7 @@ transform; any non-finite loss, in training or on held-out data, fails the stage
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -20,6 +21,7 @@ from pathlib import Path
 from oliveflow import olive_runner
 from oliveflow.config import FinetuneConfig
 from oliveflow.errors import StageError
+from oliveflow.memory import DoesNotFit, ModelShape, TrainingPlan, plan_training
 from oliveflow.results import Adapter, BaseModelRef, DataReport, QuantizedModel
 from oliveflow.sft import HeldOutLoss, encode_rows, held_out_loss
 from oliveflow.stages import artifact_of
@@ -45,7 +47,8 @@ def sft_data_config(name: str, path: Path, model_dir: Path, template: str, max_s
     }
 
 
-def olive_config(model: QuantizedModel, data: DataReport, template: str, config: FinetuneConfig) -> dict:
+def olive_config(model: QuantizedModel, data: DataReport, template: str, config: FinetuneConfig,
+                 plan: TrainingPlan) -> dict:
     lora = {
         "type": "QuantLoRA",
         "train_data_config": "train",
@@ -53,11 +56,13 @@ def olive_config(model: QuantizedModel, data: DataReport, template: str, config:
         "alpha": config.alpha,
         "lora_dropout": config.dropout,
         "torch_dtype": _precision(config),
+        "float_base": plan.float_base,
         "training_args": {
             "max_steps": config.max_steps,
             "learning_rate": config.learning_rate,
-            "per_device_train_batch_size": config.batch_size,
-            "gradient_checkpointing": config.gradient_checkpointing,
+            "per_device_train_batch_size": plan.micro_batch_size,
+            "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+            "gradient_checkpointing": plan.gradient_checkpointing,
             "seed": config.seed,
             "data_seed": config.seed,
             "logging_steps": 1,
@@ -70,7 +75,7 @@ def olive_config(model: QuantizedModel, data: DataReport, template: str, config:
     return {
         "input_model": {"type": "HfModel", "model_path": str(model.model_dir)},
         "data_configs": [sft_data_config("train", data.train_path, model.model_dir, template, config.max_seq_len,
-                                         config.loss_on, config.batch_size)],
+                                         config.loss_on, plan.micro_batch_size)],
         "passes": {"finetune": lora},
         "log_severity_level": 1,
     }
@@ -84,9 +89,56 @@ def _precision(config: FinetuneConfig) -> str:
     return "bfloat16" if torch.cuda.is_available() else "float32"
 
 
+def plan_memory(model: QuantizedModel, config: FinetuneConfig, longest_example: int) -> TrainingPlan:
+    """Micro-batch, accumulation, checkpointing and float base for this device's memory (``oliveflow.memory``)."""
+    import torch
+
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        budget = int(config.gpu_memory_gb * 2**30) if config.gpu_memory_gb else free
+        device = torch.cuda.get_device_name() + (f", told {config.gpu_memory_gb:g} GiB" if config.gpu_memory_gb
+                                                 else " (free memory)")
+    else:
+        import psutil
+
+        budget = int(config.gpu_memory_gb * 2**30) if config.gpu_memory_gb else psutil.virtual_memory().available
+        device = "cpu" + (f", told {config.gpu_memory_gb:g} GiB" if config.gpu_memory_gb else " (available RAM)")
+    try:
+        return plan_training(ModelShape.from_folder(model.model_dir), budget_bytes=budget,
+                             weights_bytes=model.size_after_bytes, batch_size=config.batch_size,
+                             sequence_tokens=longest_example,
+                             dtype_bytes=2 if _precision(config) == "bfloat16" else 4, lora_r=config.r,
+                             device=device, checkpointing=config.gradient_checkpointing,
+                             micro_batch_size=config.micro_batch_size)
+    except DoesNotFit as exc:
+        raise StageError(f"finetune: {exc}; lower finetune.max_seq_len, finetune.r or finetune.micro_batch_size, "
+                         "or use a GPU with more memory") from None
+
+
+@contextlib.contextmanager
+def gpu_memory_cap(gib: float | None):
+    """Cap this process's CUDA allocations at ``gib`` GiB (a smaller card, simulated); nothing without CUDA."""
+    import torch
+
+    if not gib or not torch.cuda.is_available():
+        yield
+        return
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total))
+    try:
+        yield
+    finally:
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(1.0)
+
+
 def measure_held_out(base: BaseModelRef, model: QuantizedModel, adapter_dir: Path, examples: list[dict],
-                     batch_size: int) -> tuple[HeldOutLoss, HeldOutLoss, HeldOutLoss]:
-    """Held-out losses of the original model, the quantized model and the quantized model + adapter."""
+                     batch_size: int, budget_bytes: int) -> tuple[HeldOutLoss, HeldOutLoss, HeldOutLoss]:
+    """Held-out losses of the original model, the quantized model and the quantized model + adapter.
+
+    The original is evaluated in float32 when that copy takes at most 40% of ``budget_bytes``, else in
+    bfloat16 (a large model on a small GPU), and it is loaded straight onto the device.
+    """
     import torch
     from olive.model import HfModelHandler
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -95,9 +147,15 @@ def measure_held_out(base: BaseModelRef, model: QuantizedModel, adapter_dir: Pat
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pad = AutoTokenizer.from_pretrained(model.model_dir).pad_token_id or 0
-    original = AutoModelForCausalLM.from_pretrained(base.artifact.path, dtype=torch.float32).to(device)
+    dtype = torch.float32 if 4 * base.parameters <= 0.4 * budget_bytes else torch.bfloat16
+    if dtype != torch.float32:
+        log.info("finetune: the original model is evaluated in bfloat16 (float32 would take %.1f GB of %.1f GB)",
+                 4 * base.parameters / 1e9, budget_bytes / 1e9)
+    original = AutoModelForCausalLM.from_pretrained(base.artifact.path, dtype=dtype, device_map=device)
     loss_original = held_out_loss(original, examples, pad, batch_size)
     del original
+    if device == "cuda":
+        torch.cuda.empty_cache()
     quantized = dequantize_once(HfModelHandler(model_path=str(model.model_dir)).load_model().to(device))
     tuned = load_adapter(quantized, adapter_dir)
     with tuned.disable_adapter():
@@ -114,14 +172,18 @@ def finetune(base: BaseModelRef, model: QuantizedModel, data: DataReport, templa
     started = time.perf_counter()
     config = config.for_model(base.parameters)  # learning rate and alpha left empty: chosen by model size
     tokenizer = AutoTokenizer.from_pretrained(model.model_dir)
-    _, stats = encode_rows(tokenizer, template, read_examples(data.train_path, data.fields), config.max_seq_len,
-                           config.loss_on)
+    train, stats = encode_rows(tokenizer, template, read_examples(data.train_path, data.fields),
+                               config.max_seq_len, config.loss_on)
     if stats.warning(config.max_seq_len):
         log.warning("finetune: %s", stats.warning(config.max_seq_len))
     if stats.dropped == stats.examples:
         raise StageError(f"finetune: no training example keeps a response token within max_seq_len="
                          f"{config.max_seq_len}; raise finetune.max_seq_len")
-    produced = olive_runner.run_workflow(olive_config(model, data, template, config), out_dir, "finetune")
+    plan = plan_memory(model, config, max(len(e["input_ids"]) for e in train))
+    log.info("finetune: %s", plan.describe())
+    with gpu_memory_cap(config.gpu_memory_gb):
+        produced = olive_runner.run_workflow(olive_config(model, data, template, config, plan), out_dir,
+                                             "finetune")
     # Olive writes a copy of the base next to the adapter; only the adapter is kept.
     shutil.move(str(Path(produced).parent / "adapter"), out_dir / ADAPTER_SUBDIR)
     olive_runner.cleanup(out_dir)
@@ -133,7 +195,9 @@ def finetune(base: BaseModelRef, model: QuantizedModel, data: DataReport, templa
     if data.eval_path is not None:
         examples, _ = encode_rows(tokenizer, template, read_examples(data.eval_path, data.fields),
                                   config.max_seq_len, config.loss_on)
-        losses = measure_held_out(base, model, adapter_dir, examples, config.batch_size)
+        with gpu_memory_cap(config.gpu_memory_gb):
+            losses = measure_held_out(base, model, adapter_dir, examples, plan.micro_batch_size,
+                                      int(plan.budget_gb * 1e9))
         bad = [name for name, loss in zip(("original", "quantized", "fine-tuned"), losses)
                if not (math.isfinite(loss.loss) and math.isfinite(loss.response_loss))]
         if bad:
@@ -160,5 +224,6 @@ def finetune(base: BaseModelRef, model: QuantizedModel, data: DataReport, templa
         response_ppl_original=value(0, "response_perplexity"),
         response_ppl_quantized=value(1, "response_perplexity"),
         response_ppl_finetuned=value(2, "response_perplexity"),
+        plan=plan.to_dict(),
         seconds=time.perf_counter() - started,
     )

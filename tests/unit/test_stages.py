@@ -323,3 +323,25 @@ def test_lora_base_is_unpacked_once_when_it_fits_else_every_pass(chain, fits, mo
     if fits:  # the kept copy is exactly the layer's own dequantized int4 weight
         unpacked = layers[0].unpack_and_dequantize(layers[0].qweight, layers[0].scales, layers[0].qzeros)
         assert torch.equal(layers[0].__dict__["_oliveflow_weight"], unpacked)
+
+
+def test_micro_batches_with_accumulation_learn_what_one_batch_learns(chain, tmp_path):
+    """The memory plan may split a batch of 8 into 4 micro-batches of 2: the loss curve and the adapter stay the
+    same within float32 noise (the summed loss is divided by the whole batch's tokens), and the plan is recorded."""
+    from oliveflow.config import FinetuneConfig
+    from oliveflow.stages.finetune import finetune
+
+    runs = {}
+    for micro in (8, 2):
+        out = tmp_path / f"micro{micro}"
+        out.mkdir()
+        runs[micro] = finetune(chain["base"], chain["quantized"], chain["data"], chain["template"],
+                               FinetuneConfig(max_steps=4, learning_rate=3e-3, micro_batch_size=micro), out)
+    whole, split = runs[8], runs[2]
+    assert (whole.plan["micro_batch_size"], whole.plan["gradient_accumulation_steps"]) == (8, 1)
+    assert (split.plan["micro_batch_size"], split.plan["gradient_accumulation_steps"]) == (2, 4)
+    assert split.train_loss == pytest.approx(whole.train_loss, rel=1e-4)
+    a = load_file(whole.adapter_dir / "adapter_model.safetensors")
+    b = load_file(split.adapter_dir / "adapter_model.safetensors")
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-3, atol=1e-5), key

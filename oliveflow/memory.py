@@ -1,0 +1,136 @@
+"""How a LoRA fine-tune fits the memory it has: micro-batch, gradient accumulation, checkpointing, float base.
+
+A pure estimate from the model's shape (its ``config.json``), the longest training example and the
+device's memory budget; no torch. The effective batch (``micro_batch_size x gradient_accumulation_steps``)
+is always the configured batch size, so the plan changes memory and speed, not what is learned.
+
+The estimate is deliberately on the high side (measured against torch's peak on an H200, see
+``bench/bench_real_scale.py``): per decoder layer and token, training keeps about
+``8 h + p (12 h + 4 i)`` bytes for backward (two RMSNorms upcast to float32, the attention's q/k/v/out and
+the MLP's four intermediates, ``p`` bytes per activation); gradient checkpointing keeps only each layer's
+input (``p h``) and recomputes one layer at a time; the loss holds about ``p + 12`` bytes per token and
+vocabulary entry (the logits, their float32 copy, log-softmax and its gradient).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# Leave this share of the budget for the allocator's fragmentation and what the estimate does not count.
+USABLE_SHARE = 0.85
+# LoRA parameters in float32: the weight, its gradient and AdamW's two moments.
+LORA_BYTES_PER_PARAM = 16
+# Relative cost of a training step: checkpointing recomputes the forward pass (about a third more work), and a
+# micro-batch of few tokens leaves the device underused (half speed at this many tokens per micro-batch).
+CHECKPOINTING_COST = 4 / 3
+HALF_SPEED_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_config(cls, config: dict) -> ModelShape:
+        """From a Hugging Face ``config.json`` (Llama, Phi-3, Mistral, Qwen and the like)."""
+        text = config.get("text_config", config)
+        hidden = int(text["hidden_size"])
+        heads = int(text.get("num_attention_heads") or 1)
+        return cls(layers=int(text["num_hidden_layers"]), hidden=hidden,
+                   intermediate=int(text.get("intermediate_size") or 4 * hidden), vocab=int(text["vocab_size"]),
+                   heads=heads, kv_heads=int(text.get("num_key_value_heads") or heads),
+                   head_dim=int(text.get("head_dim") or hidden // heads))
+
+    @classmethod
+    def from_folder(cls, model_dir: Path) -> ModelShape:
+        return cls.from_config(json.loads((Path(model_dir) / "config.json").read_text()))
+
+    @property
+    def linear_parameters(self) -> int:
+        """Weights of the decoder's linear layers (what int4 quantization covers)."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        attention = self.hidden * (q + 2 * kv) + q * self.hidden
+        return self.layers * (attention + 3 * self.hidden * self.intermediate)
+
+    def lora_parameters(self, r: int) -> int:
+        """LoRA parameters if every linear layer is adapted (an upper bound for any target list)."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        ins_outs = (self.hidden + q + 2 * kv) + (q + self.hidden) + 2 * (self.hidden + 2 * self.intermediate) \
+            + (self.intermediate + self.hidden)
+        return self.layers * r * ins_outs
+
+    def activation_bytes(self, tokens: int, dtype_bytes: int, checkpointing: bool) -> int:
+        """Bytes kept for backward, plus the loss, for one micro-batch of ``tokens`` tokens."""
+        per_layer = 8 * self.hidden + dtype_bytes * (12 * self.hidden + 4 * self.intermediate)
+        kept = dtype_bytes * self.hidden * self.layers + per_layer if checkpointing else per_layer * self.layers
+        return tokens * (kept + self.vocab * (dtype_bytes + 12))
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    gradient_checkpointing: bool
+    float_base: bool  # keep one float copy of the frozen int4 base (faster) instead of unpacking it every pass
+    estimated_peak_gb: float
+    budget_gb: float
+    device: str
+
+    def describe(self) -> str:
+        return (f"micro-batch {self.micro_batch_size} x {self.gradient_accumulation_steps} accumulation steps, "
+                f"gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}, float copy of the int4 "
+                f"base {'kept' if self.float_base else 'not kept (unpacked every pass)'}; estimated peak "
+                f"{self.estimated_peak_gb:.1f} GB of {self.budget_gb:.1f} GB on {self.device}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class DoesNotFit(ValueError):
+    """Not even one example per micro-batch fits, with checkpointing and no float base."""
+
+
+def plan_training(shape: ModelShape, *, budget_bytes: int, weights_bytes: int, batch_size: int, sequence_tokens: int,
+                  dtype_bytes: int, lora_r: int, device: str, checkpointing: bool | None = None,
+                  micro_batch_size: int | None = None) -> TrainingPlan:
+    """The fastest plan whose estimated peak fits ``USABLE_SHARE`` of ``budget_bytes``.
+
+    ``weights_bytes`` is the quantized model as loaded; ``sequence_tokens`` the longest training example (every
+    micro-batch is padded to its longest). ``checkpointing`` and ``micro_batch_size``, when given, are kept as
+    they are (the person asked for them) and the rest is planned around them. Raises ``DoesNotFit``.
+    """
+    usable = USABLE_SHARE * budget_bytes
+    fixed = weights_bytes + LORA_BYTES_PER_PARAM * shape.lora_parameters(lora_r)
+    float_copy = dtype_bytes * shape.linear_parameters
+    micro_choices = [micro_batch_size] if micro_batch_size else \
+        [m for m in range(batch_size, 0, -1) if batch_size % m == 0]
+    best: tuple[float, TrainingPlan] | None = None
+    for float_base in (True, False):
+        for ckpt in ([checkpointing] if checkpointing is not None else [False, True]):
+            for micro in micro_choices:  # largest first: the first that fits is this option's best
+                tokens = micro * sequence_tokens
+                peak = fixed + float_copy * float_base + shape.activation_bytes(tokens, dtype_bytes, ckpt)
+                if peak > usable:
+                    continue
+                cost = (CHECKPOINTING_COST if ckpt else 1.0) * (1 + HALF_SPEED_TOKENS / tokens)
+                plan = TrainingPlan(micro_batch_size=micro, gradient_accumulation_steps=batch_size // micro,
+                                    gradient_checkpointing=ckpt, float_base=float_base,
+                                    estimated_peak_gb=round(peak / 1e9, 2), budget_gb=round(budget_bytes / 1e9, 2),
+                                    device=device)
+                if best is None or cost < best[0]:
+                    best = (cost, plan)
+                break
+        if best is not None:
+            return best[1]  # a plan with the float base beats every plan without it (~10% faster, same numbers)
+    smallest = fixed + shape.activation_bytes(min(micro_choices) * sequence_tokens, dtype_bytes, True)
+    raise DoesNotFit(f"the fine-tune needs about {smallest / 1e9:.1f} GB even at micro-batch {min(micro_choices)} "
+                     f"with gradient checkpointing, and {device} has {budget_bytes / 1e9:.1f} GB "
+                     f"({USABLE_SHARE:.0%} usable)")
