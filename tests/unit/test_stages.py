@@ -345,3 +345,31 @@ def test_micro_batches_with_accumulation_learn_what_one_batch_learns(chain, tmp_
     b = load_file(split.adapter_dir / "adapter_model.safetensors")
     for key in a:
         assert torch.allclose(a[key], b[key], rtol=1e-3, atol=1e-5), key
+
+
+def test_the_gpu_export_is_a_cuda_int4_graph_with_the_same_codes_and_a_float_adapter(chain, tmp_path):
+    """export.device=gpu needs no GPU to build: ModelBuilder writes a CUDA graph (fp16 activations, the same int4
+    codes as the CPU build), and the adapter file beside it. Running it needs onnxruntime-genai-cuda
+    (tests/live/test_gpu.py); a CPU-only runtime refuses it with a one-line reason."""
+    import onnxruntime_genai as og
+
+    from oliveflow.errors import StageError
+
+    gpu = export_onnx(chain["quantized"], chain["adapter"], ExportConfig(device="gpu"), tmp_path)
+    assert gpu.device == "gpu" and gpu.adapter_file.is_file()
+    genai = json.loads((gpu.model_dir / "genai_config.json").read_text())
+    providers = [name for option in genai["model"]["decoder"]["session_options"]["provider_options"]
+                 for name in option]
+    assert providers == ["cuda"]
+    graph = onnx.load(str(gpu.model_dir / "model.onnx"), load_external_data=False).graph
+    logits = next(o for o in graph.output if o.name == "logits")
+    assert logits.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    cpu_codes, gpu_codes = _onnx_weights(chain["onnx"].model_dir), _onnx_weights(gpu.model_dir)
+    assert cpu_codes.keys() == gpu_codes.keys() and cpu_codes
+    for name in cpu_codes:  # the same int4 grid; scales are stored in fp16 for CUDA
+        np.testing.assert_allclose(gpu_codes[name], cpu_codes[name], rtol=1e-3, atol=1e-4)
+    lora = [i for i in graph.input if "lora" in i.name]
+    assert lora and all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for i in lora)
+    if not og.is_cuda_available():
+        with pytest.raises(StageError, match="exported for CUDA but this onnxruntime-genai has no CUDA"):
+            smoke_test(gpu, chain["base"], chain["data"], chain["template"], SmokeTestConfig(num_samples=1))
