@@ -361,7 +361,6 @@ def measure_generation(model_dir: Path, adapter_file: Path, prompts: list[str], 
             "prompt_tokens": [r["prompt_tokens"] for r in runs]}
     if notes:
         result["note"] = notes[0]
-    del adapters, tokenizer, model
     return result
 
 
@@ -415,22 +414,42 @@ def generation_child(args) -> None:
         save()
         raise SystemExit(1)
     save()
-    if job.get("onnx"):
-        from oliveflow.results import BaseModelRef, DataReport, OnnxModel
-
-        try:
-            onnx, base = OnnxModel.model_validate(job["onnx"]), BaseModelRef.model_validate(job["base"])
-            result["smoke"] = run_smoke(onnx, base, DataReport.model_validate(job["data"]), job["template"])
-        except Exception as exc:
-            result["smoke"] = {"error": _one_line(exc), "tail": traceback.format_exc()[-2000:]}
-        save()
     model_dir = args.model_dir or Path(job["model_dir"])
     adapter = args.adapter or Path(job["adapter"])
     prompts = job.get("prompts") or held_out_prompts(job.get("template") or _default_template(model_dir))
-    try:
-        result["generation"] = measure_generation(model_dir, adapter, prompts, job.get("new_tokens", args.new_tokens))
-    except Exception as exc:
-        result["generation"] = {"error": _one_line(exc), "tail": traceback.format_exc()[-2000:]}
+    for attempt in (1, 2):
+        if job.get("onnx"):
+            from oliveflow.results import BaseModelRef, DataReport, OnnxModel
+
+            try:
+                onnx, base = OnnxModel.model_validate(job["onnx"]), BaseModelRef.model_validate(job["base"])
+                result["smoke"] = run_smoke(onnx, base, DataReport.model_validate(job["data"]), job["template"])
+            except Exception as exc:
+                result["smoke"] = {"error": _one_line(exc), "tail": traceback.format_exc()[-2000:]}
+            save()
+        try:
+            result["generation"] = measure_generation(model_dir, adapter, prompts,
+                                                      job.get("new_tokens", args.new_tokens))
+        except Exception as exc:
+            result["generation"] = {"error": _one_line(exc), "tail": traceback.format_exc()[-2000:]}
+        save()
+        # CUDA libraries not found (cuDNN, cuBLAS): onnxruntime can preload those of the nvidia-* wheels; once.
+        failed = "error" in result["generation"] and "Failed to load" in result["generation"]["error"]
+        if attempt == 2 or not failed:
+            break
+        result["first_attempt"] = {"smoke": result.pop("smoke", None), "generation": result.pop("generation")}
+        try:
+            import onnxruntime as ort
+
+            ort.preload_dlls()
+            result["preload_dlls"] = "retried after onnxruntime.preload_dlls()"
+        except Exception as exc:
+            result["preload_dlls"] = f"failed: {_one_line(exc)}"
+            result.update(result.pop("first_attempt"))
+            save()
+            break
+    if "error" in result.get("generation", {}):
+        result["error"] = f"generation: {result['generation']['error']}"
     save()
 
 
@@ -487,8 +506,12 @@ class Bench:
     def disk(self) -> float | None:
         return _gb(disk_bytes(self.work / "base", self.work / "stages", self.work / "home"))
 
-    def part(self, name: str, fn):
-        """Run ``fn`` (returns ``(product, details)``), measured; record and write; the product or None."""
+    def part(self, name: str, fn, child: bool = False):
+        """Run ``fn`` (returns ``(product, details)``), measured; record and write; the product or None.
+
+        ``child``: the work is a subprocess whose own numbers are in ``details``; this process's go under
+        ``this_process``.
+        """
         torch = _torch()
         cuda = torch is not None and torch.cuda.is_available()
         if cuda:
@@ -501,10 +524,11 @@ class Bench:
         try:
             with PeakRss() as rss, GpuUsed() as gpu:
                 product, details = fn()
+            here = {"peak_gpu_allocated_gb": _gb(torch.cuda.max_memory_allocated()) if cuda else None,
+                    "peak_gpu_reserved_gb": _gb(torch.cuda.max_memory_reserved()) if cuda else None,
+                    **gpu.result(), "peak_host_rss_gb": _gb(rss.peak)}
             record = {"ok": True, "seconds": round(time.perf_counter() - started, 1),
-                      "peak_gpu_allocated_gb": _gb(torch.cuda.max_memory_allocated()) if cuda else None,
-                      "peak_gpu_reserved_gb": _gb(torch.cuda.max_memory_reserved()) if cuda else None,
-                      **gpu.result(), "peak_host_rss_gb": _gb(rss.peak), "disk_gb_after": self.disk(),
+                      **({"this_process": here} if child else here), "disk_gb_after": self.disk(),
                       **(details or {})}
             if "error" in record:  # a subprocess that failed: its numbers kept beside the error
                 record["ok"] = False
@@ -730,15 +754,14 @@ def run_bench(args) -> None:
         proc = run_measured(cmd, work / "generation-gpu-child.log", env=env, timeout=args.child_timeout)
         proc.pop("_output")
         child = json.loads(child_out.read_text()) if child_out.is_file() else {}
-        details = {"device": "gpu", "model_folder_gb": _gb(disk_bytes(onnx.model_dir), 3),
-                   "child": {k: v for k, v in proc.items() if k != "cmd"}, "cmd": proc["cmd"], **child}
+        details = {"device": "gpu", "model_folder_gb": _gb(disk_bytes(onnx.model_dir), 3), **proc, **child}
         if (proc["returncode"] or "timed_out_after_s" in proc) and "error" not in details:
             last = [line for line in proc.get("tail", "").strip().splitlines() if line.strip()][-1:]
             details["error"] = f"generation child exited {proc['returncode']}: {last[0][:300] if last else ''}"
         return None, details
 
     bench.part("generation-cpu", gen_cpu)
-    bench.part("generation-gpu", gen_gpu)
+    bench.part("generation-gpu", gen_gpu, child=True)
 
     # 7. raw Olive on the same base and data, each a subprocess in a scratch folder (Olive's cache lands there)
     raw = work / "raw-olive"
@@ -816,9 +839,9 @@ def run_bench(args) -> None:
         shutil.rmtree(out, ignore_errors=True)
         return result
 
-    bench.part("raw-olive-quantize", raw_part("raw-olive-quantize", quantize_cmd, quantize_after))
-    bench.part("raw-olive-finetune", raw_part("raw-olive-finetune", finetune_cmd, finetune_after))
-    bench.part("raw-olive-export", raw_part("raw-olive-export", export_cmd, export_after))
+    bench.part("raw-olive-quantize", raw_part("raw-olive-quantize", quantize_cmd, quantize_after), child=True)
+    bench.part("raw-olive-finetune", raw_part("raw-olive-finetune", finetune_cmd, finetune_after), child=True)
+    bench.part("raw-olive-export", raw_part("raw-olive-export", export_cmd, export_after), child=True)
     shutil.rmtree(raw / "finetune-out", ignore_errors=True)
 
     bench.results["disk_gb_whole_chain"] = bench.disk()
@@ -871,8 +894,6 @@ def render_table(results: dict) -> str:
                       f"{_fmt(record.get('peak_gpu_reserved_gb'), ' GB', 2)}"
                       if record.get("peak_gpu_allocated_gb") is not None else "")
         smi = record.get("peak_gpu_used_gb")
-        if smi is None:
-            smi = (record.get("child") or {}).get("peak_gpu_used_gb")
         return "; ".join(x for x in (torch_part, _fmt(smi, " GB", 2) if smi is not None else "") if x)
 
     def loss(record: dict) -> str:
@@ -887,8 +908,8 @@ def render_table(results: dict) -> str:
         if not value:
             return ""
         if isinstance(value, dict):
-            keys = ("micro_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "budget_gb",
-                    "estimated_peak_gb", "memory_fraction")
+            keys = ("micro_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "float_base",
+                    "budget_gb", "estimated_peak_gb", "memory_fraction")
             shown = {k: value[k] for k in keys if k in value} or value
             return "plan " + ", ".join(f"{k} {v}" for k, v in shown.items())
         return f"plan {value}"
@@ -900,8 +921,6 @@ def render_table(results: dict) -> str:
             lines.append(f"| {stage} | {tool} | {_fmt(record.get('seconds'))} | | | {_cell(status)} |")
             return
         rss = record.get("peak_host_rss_gb")
-        if rss is None:
-            rss = (record.get("child") or {}).get("peak_host_rss_gb")
         text = "; ".join(x for x in notes(record) if x)
         lines.append(f"| {stage} | {tool} | {_fmt(record.get('seconds'))} | {gpu(record)} | {_fmt(rss, ' GB', 2)} | "
                      f"{_cell(text)} |")
@@ -909,9 +928,11 @@ def render_table(results: dict) -> str:
     q = settings.get("quantize", {})
     row("build base", "torch", "build_base", lambda r: [f"{_fmt(r.get('base_gb'), ' GB', 2)} on disk"
                                                         if r.get("base_gb") else ("reused" if r.get("reused") else "")])
-    row("quantize", "oliveflow", "quantize", lambda r: [f"{q.get('algorithm')} int{q.get('bits')} g{q.get('group_size')}",
-                                                        f"{_fmt(r.get('size_after_gb'), ' GB', 2)} after"])
-    row("quantize", "raw Olive", "raw-olive-quantize", lambda r: ["rtn int4", f"{_fmt(r.get('output_gb'), ' GB', 2)} out"])
+    row("quantize", "oliveflow", "quantize",
+        lambda r: [f"{q.get('algorithm')} int{q.get('bits')} g{q.get('group_size')}",
+                   f"{_fmt(r.get('size_after_gb'), ' GB', 2)} after"])
+    row("quantize", "raw Olive", "raw-olive-quantize",
+        lambda r: ["rtn int4", f"{_fmt(r.get('output_gb'), ' GB', 2)} out"])
     row("finetune, 24 GB setting", "oliveflow", "finetune-24gb", lambda r: [loss(r), plan(r), r.get("note")])
     row("finetune, whole card", "oliveflow", "finetune-whole-card", lambda r: [loss(r), plan(r)])
     row("finetune", "raw Olive", "raw-olive-finetune",
@@ -940,16 +961,15 @@ def render_table(results: dict) -> str:
         smoke_text = ("passed" if smoke.get("passed") else "refused (random weights)" if "refused" in smoke
                       else f"error: {smoke.get('error', '')[:80]}" if "error" in smoke else "")
         if "error" in gen:
-            lines.append(f"| {device} | {gen.get('og_version') or record.get('og_version') or ''} | {_cell(smoke_text)} "
+            og_text = gen.get("og_version") or record.get("og_version") or ""
+            lines.append(f"| {device} | {og_text} | {_cell(smoke_text)} "
                          f"| | {_cell('error: ' + gen['error'][:100])} | | | |")
             continue
         with_a, without = gen.get("adapter") or {}, gen.get("no_adapter") or {}
-        child = record.get("child") or {}
         og_text = gen.get("og_version") or ""
         if device == "gpu":
             og_text += f" (CUDA {'yes' if record.get('og_cuda_available') is True else 'no'})"
-        rss = record.get("peak_host_rss_gb") if device == "cpu" else child.get("peak_host_rss_gb")
-        smi = child.get("peak_gpu_used_gb") if device == "gpu" else None
+        rss, smi = record.get("peak_host_rss_gb"), record.get("peak_gpu_used_gb")
         lines.append(f"| {device} | {og_text} | {_cell(smoke_text)} | {_fmt(gen.get('load_seconds'), ' s', 2)} | "
                      f"{_fmt(with_a.get('ttft_s'), ' s', 3)} / {_fmt(without.get('ttft_s'), ' s', 3)} | "
                      f"{_fmt(with_a.get('decode_tokens_per_s'))} / {_fmt(without.get('decode_tokens_per_s'))} | "
@@ -965,7 +985,7 @@ def write_readme(table: str, readme: Path = README) -> None:
         text = head + block + rest.split(END, 1)[1]
     else:
         anchor = "<!-- bench_pipeline:end -->"
-        section = f"\n\n{HEADING}\n\n{block}\n"
+        section = f"\n\n{HEADING}\n\n{block}"
         if anchor in text:
             head, rest = text.split(anchor, 1)
             text = head + anchor + section + rest
