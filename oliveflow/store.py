@@ -305,11 +305,10 @@ def load_result(folder: Path, result_type: type[R]) -> R:
     """Read a stage result saved in an artifact folder, re-pointed at where the folder is now."""
     folder = Path(folder).resolve()
     try:
-        text = (folder / RESULT_FILE).read_text()
-    except OSError:
-        raise InputError(f"{folder} is not an oliveflow stage output (no {RESULT_FILE}); pass a folder written by "
-                         "`oliveflow stage` or one under the artifact store") from None
+        text, manifest = (folder / RESULT_FILE).read_text(), json.loads((folder / MANIFEST).read_text())
+    except OSError as exc:
+        raise InputError(f"{folder} is not an oliveflow stage output (no {Path(exc.filename).name}); pass a folder "
+                         "written by `oliveflow stage` or one under the artifact store") from None
     stored = result_type.model_validate_json(text)
-    manifest = json.loads((folder / MANIFEST).read_text())
     return stored.model_copy(update={"artifact": Artifact(path=folder, sha256=manifest["sha256"],
                                                           size_bytes=manifest["size_bytes"])})

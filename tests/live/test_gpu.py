@@ -36,7 +36,7 @@ def _smoke_on_gpu(onnx, chain) -> dict:
 
     from oliveflow.config import SmokeTestConfig
     from oliveflow.stages.smoke_test import smoke_test
-    from oliveflow.store import RESULT_FILE
+    from oliveflow.store import MANIFEST, RESULT_FILE
 
     config = SmokeTestConfig(num_samples=3, max_new_tokens=24)
     if og.is_cuda_available():
@@ -46,6 +46,8 @@ def _smoke_on_gpu(onnx, chain) -> dict:
         pytest.skip("this onnxruntime-genai has no CUDA: install the gpu extra, or set OLIVEFLOW_GPU_SITE to a "
                     "folder holding onnxruntime-gpu and onnxruntime-genai-cuda")
     (onnx.artifact.path / RESULT_FILE).write_text(onnx.model_dump_json())
+    (onnx.artifact.path / MANIFEST).write_text(json.dumps({"sha256": onnx.artifact.sha256,
+                                                           "size_bytes": onnx.artifact.size_bytes}))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([site, *filter(None, [os.environ.get("PYTHONPATH")])])}
     data = chain["data"]
     done = subprocess.run(
