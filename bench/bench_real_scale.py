@@ -662,12 +662,14 @@ def run_bench(args) -> None:
     products["quantized"] = bench.part("quantize", do_quantize)
 
     # 4. the fine-tune, planned for 24 GB, then on the whole card
-    def do_finetune(name: str, budget_gb: float | None):
+    def do_finetune(name: str, budget_gb: float | None, micro: int | None = None):
         def run():
             from oliveflow.stages.finetune import finetune
 
             base, data, quantized = need("base", "data"), need("data", "data"), need("quantized", "quantize")
             kwargs, note = dict(fkwargs), None
+            if micro:
+                kwargs["micro_batch_size"] = micro
             if budget_gb is not None:
                 if has_budget:
                     kwargs["gpu_memory_gb"] = budget_gb
@@ -690,10 +692,21 @@ def run_bench(args) -> None:
                        "cuda_device": torch.cuda.get_device_name(0) if cuda else None}
             if note:
                 details["note"] = note
+            reference = products.get("adapter-24gb")
+            if micro and reference is not None:  # the same effective batch, accumulated: the same loss curve?
+                diffs = [abs(a - b) for a, b in zip(adapter.train_loss, reference.train_loss)]
+                details["loss_vs_finetune_24gb"] = {
+                    "steps": len(diffs), "max_abs_diff": max(diffs), "mean_abs_diff": sum(diffs) / len(diffs),
+                    "max_rel_diff": max(d / abs(b) for d, b in zip(diffs, reference.train_loss)),
+                    "losses": [round(x, 4) for x in adapter.train_loss],
+                    "reference_losses": [round(x, 4) for x in reference.train_loss]}
             return adapter, details
         return run
 
     products["adapter-24gb"] = bench.part("finetune-24gb", do_finetune("finetune-24gb", args.budget_gb))
+    if args.micro_batch:
+        bench.part(f"finetune-24gb-micro{args.micro_batch}",
+                   do_finetune(f"finetune-24gb-micro{args.micro_batch}", args.budget_gb, args.micro_batch))
     products["adapter"] = bench.part("finetune-whole-card", do_finetune("finetune-whole-card", None))
 
     # 5. export, cpu and gpu, from the whole-card adapter (the 24 GB one if that failed)
@@ -1006,6 +1019,9 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=100)
     parser.add_argument("--max-seq-len", type=int, default=None, help="tokens per example (default 1024; small: 128)")
     parser.add_argument("--budget-gb", type=float, default=24.0, help="finetune-24gb's FinetuneConfig.gpu_memory_gb")
+    parser.add_argument("--micro-batch", type=int, default=None,
+                        help="also fine-tune told --budget-gb with this micro-batch size (accumulating to the same "
+                             "batch) and compare its loss curve with finetune-24gb's")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per prompt in generation")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="force it on in both fine-tunes")
     parser.add_argument("--workdir", type=Path, default=None)

@@ -405,9 +405,9 @@ class Awq(Rtn):
         original_load = quant_utils.load_hf_base_model
 
         def load_and_scale(handler, *args, **kwargs):
-            loaded = original_load(handler, *args, **kwargs)
             device = "cuda" if torch.cuda.is_available() else "cpu"
-            loaded.to(device)
+            # Straight onto the device: no host copy of the whole float model on a GPU machine.
+            loaded = original_load(handler, *args, **{**kwargs, "device_map": device})
             bar = tqdm(desc="AWQ search", unit="layer")
 
             def progress(done: int, total: int) -> None:
