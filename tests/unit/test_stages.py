@@ -325,12 +325,16 @@ def test_lora_base_is_unpacked_once_when_it_fits_else_every_pass(chain, fits, mo
         assert torch.equal(layers[0].__dict__["_oliveflow_weight"], unpacked)
 
 
-def test_micro_batches_with_accumulation_learn_what_one_batch_learns(chain, tmp_path):
+def test_micro_batches_with_accumulation_learn_what_one_batch_learns(chain, tmp_path, caplog):
     """The memory plan may split a batch of 8 into 4 micro-batches of 2: the loss curve and the adapter stay the
-    same within float32 noise (the summed loss is divided by the whole batch's tokens), and the plan is recorded."""
+    same within float32 noise (the summed loss is divided by the whole batch's tokens); the plan is logged and
+    recorded."""
+    import logging
+
     from oliveflow.config import FinetuneConfig
     from oliveflow.stages.finetune import finetune
 
+    caplog.set_level(logging.INFO, logger="oliveflow.stages.finetune")
     runs = {}
     for micro in (8, 2):
         out = tmp_path / f"micro{micro}"
@@ -340,6 +344,7 @@ def test_micro_batches_with_accumulation_learn_what_one_batch_learns(chain, tmp_
     whole, split = runs[8], runs[2]
     assert (whole.plan["micro_batch_size"], whole.plan["gradient_accumulation_steps"]) == (8, 1)
     assert (split.plan["micro_batch_size"], split.plan["gradient_accumulation_steps"]) == (2, 4)
+    assert "finetune: micro-batch 2 x 4 accumulation steps, gradient checkpointing off" in caplog.text
     assert split.train_loss == pytest.approx(whole.train_loss, rel=1e-4)
     a = load_file(whole.adapter_dir / "adapter_model.safetensors")
     b = load_file(split.adapter_dir / "adapter_model.safetensors")
