@@ -43,7 +43,7 @@ def main() -> None:
                                   SmokeTestConfig)
     from oliveflow.errors import StageError
     from oliveflow.stages.data import resolve_template, validate_data
-    from oliveflow.stages.export import export_onnx
+    from oliveflow.stages.export import export
     from oliveflow.stages.finetune import finetune
     from oliveflow.stages.model import resolve_model
     from oliveflow.stages.quantize import quantize
@@ -88,7 +88,7 @@ def main() -> None:
                                      "finetuned": adapter.response_ppl_finetuned},
                        eval_loss={"float": adapter.eval_loss_original, "quantized": adapter.eval_loss_quantized,
                                   "finetuned": adapter.eval_loss_finetuned})
-            onnx = export_onnx(quantized, adapter, ExportConfig(), folder(f"e-{algorithm}-{lr}-{loss_on}"))
+            onnx = export(quantized, adapter, ExportConfig(), folder(f"e-{algorithm}-{lr}-{loss_on}"))
             try:
                 smoke = smoke_test(onnx, base, data, template, SmokeTestConfig(num_samples=args.samples))
                 run.update(rouge_l={"base": smoke.rouge_l_base, "finetuned": smoke.rouge_l_finetuned},

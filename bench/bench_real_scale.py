@@ -365,7 +365,7 @@ def measure_generation(model_dir: Path, adapter_file: Path, prompts: list[str], 
 
 
 def smoke_summary(report) -> dict:
-    return {"passed": report.passed, "load_seconds": round(report.load_seconds, 3),
+    return {"passed": report.answered, "load_seconds": round(report.load_seconds, 3),
             "ttft_seconds": round(report.ttft_seconds, 4), "ttft_seconds_base": round(report.ttft_seconds_base, 4),
             "decode_tokens_per_second": round(report.decode_tokens_per_second, 1),
             "decode_tokens_per_second_base": round(report.decode_tokens_per_second_base, 1),
@@ -712,13 +712,13 @@ def run_bench(args) -> None:
     # 5. export, cpu and gpu, from the whole-card adapter (the 24 GB one if that failed)
     def do_export(device: str):
         def run():
-            from oliveflow.stages.export import export_onnx
+            from oliveflow.stages.export import export
 
             quantized = need("quantized", "quantize")
             adapter, source = products.get("adapter"), "finetune-whole-card"
             if adapter is None:
                 adapter, source = need("adapter-24gb", "a finetune"), "finetune-24gb"
-            onnx = export_onnx(quantized, adapter, ExportConfig(device=device), fresh(f"export-{device}"))
+            onnx = export(quantized, adapter, ExportConfig(device=device), fresh(f"export-{device}"))
             return onnx, {"adapter_from": source, "stage_seconds": round(onnx.seconds, 1),
                           "model_folder_gb": _gb(disk_bytes(onnx.model_dir), 3),
                           "adapter_file_mb": round(onnx.adapter_file.stat().st_size / 1e6, 2)}

@@ -21,6 +21,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from oliveflow.errors import InputError
+from oliveflow.overrides import add_params, one_line
+
 FLOW_NAME = "oliveflow-pipeline"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENTRYPOINT = "flows/pipeline.py:pipeline"
@@ -107,10 +110,7 @@ def flow_params(site: Site) -> dict[str, Any]:
     try:
         return PipelineParams.model_validate(raw).model_dump(mode="json", exclude_unset=True)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise SystemExit(f"deploy: invalid default parameter {where}: {first['msg']}; fix the --param/--*-data "
-                         "value") from None
+        raise SystemExit(f"deploy: {one_line(exc, 'default parameter')}; fix the --param/--*-data value") from None
 
 
 def specs(site: Site) -> list[Spec]:
@@ -276,18 +276,10 @@ def _parse(argv: list[str] | None) -> tuple[Site, argparse.Namespace]:
     args = p.parse_args(argv)
 
     params: dict[str, Any] = {}
-    for item in args.param:  # the syntax of `oliveflow run --param`: dotted path, value parsed as JSON if it is
-        key, sep, value = item.partition("=")
-        if not sep:
-            p.error(f"--param {item!r} is not key=value; write e.g. --param finetune.max_steps=200")
-        *parents, leaf = key.strip().split(".")
-        tree = params
-        for name in parents:
-            tree = tree.setdefault(name, {})
-        try:
-            tree[leaf] = json.loads(value)
-        except ValueError:
-            tree[leaf] = value
+    try:
+        add_params(params, args.param)  # the syntax of `oliveflow run --param`
+    except InputError as exc:
+        p.error(str(exc))
     if args.artifact_store:
         params["artifact_store"] = args.artifact_store
     env = {}

@@ -6,6 +6,7 @@ Run it locally with ``python flows/pipeline.py`` (embedded default) or ``olivefl
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from uuid import UUID
 
@@ -16,19 +17,17 @@ from prefect.exceptions import ObjectNotFound
 from prefect.runtime import deployment
 
 from flows.server import STARTUP_FAILURE, TemporaryServer, start_server, stop_server, wait_healthy
-from oliveflow.config import PipelineParams, overlay
+from oliveflow.config import PipelineParams, check_registry_settings, overlay
 from oliveflow.errors import ServiceError
+from oliveflow.lineage import current_lineage
+from oliveflow.mlflow_store import preload_mlflow
 from oliveflow.output import check_output_dir, publish
 from oliveflow.report import markdown
 from oliveflow.results import PipelineResult
-from oliveflow.registry import check_registry_settings
+from oliveflow.stages.table import STAGES, initial_values
 from oliveflow.store import ArtifactStore
-from oliveflow.tracking import current_lineage, preload_mlflow
-from tasks.publish import register_task, track_task
-from tasks.stages import (
-    export_key, export_task, finetune_key, finetune_task, quantize_key, quantize_task, resolve_model_task,
-    resolve_template_task, run_cached, smoke_key, smoke_test_task, validate_data_task,
-)
+from tasks.publish import register_task, run_context, track_task
+from tasks.stages import resolve_model_task, resolve_template_task, run_stage, validate_data_task
 
 
 def gpu_slot() -> contextlib.AbstractContextManager:
@@ -65,36 +64,25 @@ def pipeline(params: PipelineParams = PipelineParams()) -> PipelineResult:
     data = validate_data_task(params.data)
     base = resolve_model_task(params.model, params.quantize)
     template = resolve_template_task(params.data, base)  # the model's chat template unless one is given
-    finetune_config = params.finetune.for_model(base.parameters)  # empty lr/alpha: chosen by model size
+    values, runs = initial_values(params, base, data, template), []
 
-    with gpu_slot():
-        quantized, q_run = run_cached(
-            quantize_task, store, "quantize", quantize_key(store, base, params.quantize, data),
-            base=base, config=params.quantize, data=data)
-        update_progress_artifact(progress, 25.0)
-        adapter, f_run = run_cached(
-            finetune_task, store, "finetune", finetune_key(store, base, quantized, data, template, finetune_config),
-            base=base, model=quantized, data=data, template=template, config=finetune_config)
-        update_progress_artifact(progress, 50.0)
-    # ModelBuilder runs on the CPU: the GPU is held again only when the model is built and tried for CUDA.
-    with gpu_slot() if params.export.device == "gpu" else contextlib.nullcontext():
-        onnx, e_run = run_cached(
-            export_task, store, "export", export_key(store, quantized, adapter, params.export),
-            model=quantized, adapter=adapter, config=params.export)
-        update_progress_artifact(progress, 75.0)
-        smoke, s_run = run_cached(
-            smoke_test_task, store, "smoke_test", smoke_key(store, onnx, base, data, template, params.smoke_test),
-            onnx=onnx, base=base, data=data, template=template, config=params.smoke_test)
-        update_progress_artifact(progress, 100.0)
+    # Quantize and finetune hold the GPU together; ModelBuilder runs on the CPU: the GPU is held again only when
+    # the model is built and tried for CUDA.
+    for holds_gpu, group in itertools.groupby(STAGES, key=lambda stage: stage.holds_gpu):
+        with gpu_slot() if holds_gpu or params.export.device == "gpu" else contextlib.nullcontext():
+            for stage in group:
+                values[stage.output], stage_run = run_stage(stage, store, values)
+                runs.append(stage_run)
+                update_progress_artifact(progress, 100.0 * len(runs) / len(STAGES))
 
+    onnx, smoke = values["onnx"], values["smoke"]
     model_dir = publish(onnx.model_dir, params.output_dir) if params.output_dir else onnx.model_dir
     result = PipelineResult(
         onnx_model_dir=model_dir, adapter_file=model_dir / onnx.adapter_name, template=template,
-        size_reduction=smoke.size_reduction,
-        samples=smoke.samples, stages={r.name: r for r in (q_run, f_run, e_run, s_run)},
-        base_model=base, quantized=quantized, adapter=adapter, onnx=onnx, smoke=smoke)
+        size_reduction=smoke.size_reduction, samples=smoke.samples, stages={r.name: r for r in runs},
+        base_model=base, quantized=values["quantized"], adapter=values["adapter"], onnx=onnx, smoke=smoke)
 
-    lineage = current_lineage(data, base)
+    lineage = current_lineage(data, base, run_context())
     tracked = track_task(result, params, lineage, params.tracking) if params.tracking.enabled else None
     outcome = register_task(params.registry, result, tracked, lineage)
     get_run_logger().info(outcome.summary)  # "not registered: <reason>" is a normal end, not a failure
@@ -115,7 +103,10 @@ def run_local(params: PipelineParams | None = None, server: TemporaryServer | No
     PREFECT_API_URL, a start-up budget sized for a slow machine, one retry if the server still does not come up,
     then one line saying what to do. The servers are stopped before this returns."""
     from prefect.settings import (
-        PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, PREFECT_UI_URL, get_current_settings,
+        PREFECT_API_URL,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        PREFECT_UI_URL,
+        get_current_settings,
         temporary_settings,
     )
 

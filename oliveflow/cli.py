@@ -10,35 +10,19 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
-from oliveflow.config import PipelineParams
+from oliveflow.config import PipelineParams, check_registry_settings
 from oliveflow.errors import InputError, ServiceError, StageError
+from oliveflow.overrides import add_params, set_dotted, validate_params
+from oliveflow.overrides import one_line as _one_line, single_line as _single_line
+from oliveflow.stages.table import BY_NAME, BY_OUTPUT, initial_values
 
-STAGES = ("validate_data", "quantize", "finetune", "export", "smoke_test")
-
-
-def _value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def _set(tree: dict, dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    for depth, name in enumerate(parents, start=1):
-        tree = tree.setdefault(name, {})
-        if not isinstance(tree, dict):
-            group = ".".join(parents[:depth])
-            raise InputError(f"--param {dotted}: {group} was already given a whole value; set either {group}=... "
-                             f"or its fields ({group}.NAME=...), not both")
-    tree[leaf] = value
+STAGES = ("validate_data", *BY_NAME)  # validate_data: the check every stage starts with, shown alone
 
 
 def build_params(args: argparse.Namespace) -> PipelineParams:
@@ -48,39 +32,12 @@ def build_params(args: argparse.Namespace) -> PipelineParams:
                        ("max_steps", "finetune.max_steps"), ("output", "output_dir"), ("device", "export.device")):
         value = getattr(args, flag, None)
         if value is not None:
-            _set(raw, path, value)
-    texts: dict[tuple[str, ...], str] = {}  # --param values that JSON turned into something else than text
-    for item in args.param or []:
-        if "=" not in item:
-            raise InputError(f"--param {item!r} is not key=value; write e.g. --param finetune.r=8")
-        key, value = item.split("=", 1)
-        parsed = _value(value)
-        _set(raw, key.strip(), parsed)
-        if not isinstance(parsed, str):
-            texts[tuple(key.strip().split("."))] = value
-    try:
-        return PipelineParams.model_validate(raw)
-    except ValidationError as exc:
-        # `--param registry.version=2` means the text "2" where a field takes text: retry those as written.
-        refused = {loc for loc in (tuple(map(str, error["loc"])) for error in exc.errors()
-                                   if error["type"] in ("string_type", "path_type")) if loc in texts}
-        if not refused:
-            raise
-        for key in refused:
-            _set(raw, ".".join(key), texts[key])
-        return PipelineParams.model_validate(raw)
-
-
-def _one_line(error: ValidationError) -> str:
-    first = error.errors()[0]
-    where = ".".join(str(p) for p in first["loc"])
-    message = first["msg"].removeprefix("Value error, ")
-    return f"invalid parameter {where}: {message}" if where else f"invalid parameters: {message}"
+            set_dotted(raw, path, value)
+    return validate_params(raw, add_params(raw, args.param or []))
 
 
 def _preflight(params: PipelineParams) -> None:
     from oliveflow.output import check_output_dir
-    from oliveflow.registry import check_registry_settings
     from oliveflow.stages.data import validate_data
     from oliveflow.stages.model import resolve_model
     from oliveflow.store import ArtifactStore
@@ -140,12 +97,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
     else:
         print(markdown(result))
-    return 0 if result.smoke.passed else 1
+    return 0 if result.smoke.answered else 1
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    """Run one stage from given inputs into ``--output`` (no Prefect, no cache)."""
-    from oliveflow import results
+    """Run one stage of the stage table from given inputs into ``--output`` (no Prefect, no cache)."""
     from oliveflow.stages.data import resolve_template, validate_data
     from oliveflow.stages.model import resolve_model
     from oliveflow.store import RESULT_FILE, atomic_dir, load_result
@@ -155,39 +111,22 @@ def cmd_stage(args: argparse.Namespace) -> int:
     if args.name == "validate_data":
         print(data.model_dump_json(indent=1))
         return 0
+    stage = BY_NAME[args.name]
     base = resolve_model(params.model, params.quantize)
-    needs = {"finetune": ["quantized"], "export": ["quantized", "adapter"], "smoke_test": ["onnx"]}
-    for flag in needs.get(args.name, []):
+    earlier = [name for name in stage.inputs.values() if name in BY_OUTPUT]  # given as --quantized DIR, ...
+    for flag in earlier:
         if getattr(args, flag) is None:
             raise InputError(f"stage {args.name} needs --{flag} DIR (the output folder of an earlier stage)")
-    if args.output is None and args.name != "smoke_test":
+    if args.output is None and stage.writes:
         raise InputError(f"stage {args.name} needs --output DIR for its result")
-    template = resolve_template(params.data, base.artifact.path)
-
-    def run(out: Path):
-        if args.name == "quantize":
-            from oliveflow.stages.quantize import quantize
-
-            return quantize(base, params.quantize, out, data=data)
-        if args.name == "finetune":
-            from oliveflow.stages.finetune import finetune
-
-            model = load_result(args.quantized, results.QuantizedModel)
-            return finetune(base, model, data, template, params.finetune, out)
-        if args.name == "export":
-            from oliveflow.stages.export import export_onnx
-
-            model = load_result(args.quantized, results.QuantizedModel)
-            return export_onnx(model, load_result(args.adapter, results.Adapter), params.export, out)
-        from oliveflow.stages.smoke_test import smoke_test
-
-        return smoke_test(load_result(args.onnx, results.OnnxModel), base, data, template, params.smoke_test)
-
-    if args.name == "smoke_test":
-        print(run(Path(".")).model_dump_json(indent=1))
+    values = initial_values(params, base, data, resolve_template(params.data, base.artifact.path))
+    values.update({flag: load_result(getattr(args, flag), BY_OUTPUT[flag].result) for flag in earlier})
+    arguments = stage.arguments(values)
+    if not stage.writes:
+        print(stage.call(arguments, Path(".")).model_dump_json(indent=1))
         return 0
     with atomic_dir(Path(args.output).resolve()) as tmp:
-        outcome = run(tmp)
+        outcome = stage.call(arguments, tmp)
         (tmp / RESULT_FILE).write_text(outcome.model_dump_json(indent=1))
     print(outcome.model_copy(update={"artifact": None}).model_dump_json(indent=1))
     return 0
@@ -199,7 +138,16 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from oliveflow import housekeeping
 
     location = PipelineParams.model_validate({"artifact_store": args.store}).store_location()
-    report = housekeeping.cache_report(location, verify=args.verify, must_exist=args.store is not None)
+    from prefect.settings import get_current_settings  # settings only: nothing here starts or imports the server
+
+    settings = get_current_settings()
+    records = housekeeping.PrefectRecords(
+        Path(settings.results.local_storage_path),
+        elsewhere=tuple(name for name, value in (("PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK",
+                                                  settings.results.default_storage_block),
+                                                 ("PREFECT_API_URL", settings.api.url)) if value))
+    report = housekeeping.cache_report(location, prefect_storage=records, verify=args.verify,
+                                       must_exist=args.store is not None)
     if args.action == "info":
         print(report.model_dump_json(indent=1) if args.json else housekeeping.describe(report))
         return 0
@@ -219,14 +167,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:
         self.exit(2, f"oliveflow: error: {_single_line(message)}; see {self.prog} --help\n")
-
-
-def _single_line(text: str) -> str:
-    """``text`` with every line break escaped: an error names user input, which may hold any character."""
-    return _LINE_BREAKS.sub(lambda match: repr(match.group())[1:-1], text)
-
-
-_LINE_BREAKS = re.compile("[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")  # where str.splitlines() breaks
 
 
 def _parser() -> argparse.ArgumentParser:

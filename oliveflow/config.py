@@ -6,15 +6,17 @@ the run form, and the CLI's ``--param key=value`` addresses them by dotted path.
 
 from __future__ import annotations
 
+import json
 import os
 import string
 from pathlib import Path, PurePath
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator, model_validator,
+)
 
 from oliveflow.errors import InputError
-from oliveflow.registry import RegistryConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_MODEL = "embedded:tiny-phi3"
@@ -163,7 +165,8 @@ class QuantizeConfig(_Config):
     group_size: int = Field(32, description="Weights per quantization group; must divide the model's hidden and "
                                             "intermediate sizes. -1 means one group per output channel.")
     symmetric: bool = Field(True, description="Symmetric quantization (no zero points).")
-    calibration_samples: int = Field(64, ge=1, description="Training examples used to calibrate gptq.")
+    calibration_blocks: int = Field(64, ge=1, description="512-token blocks of training text used to calibrate "
+                                                          "awq and gptq.")
 
     @field_validator("group_size")
     @classmethod
@@ -245,6 +248,133 @@ class TrackingConfig(_Config):
                                               "mlflow registry backend).")
 
 
+# ---- registry settings (the backends are in oliveflow.registry_backends) ----
+
+# Azure ML's rule for asset names; MLflow takes any, so one rule keeps the backends interchangeable.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$"
+WORKSPACE_ENV = {"subscription_id": "AZURE_SUBSCRIPTION_ID", "resource_group": "AZURE_RESOURCE_GROUP",
+                 "workspace_name": "AZUREML_WORKSPACE_NAME"}
+
+
+class AzureWorkspace(_Config):
+    """Which Azure ML workspace to register in. No secrets here: these are flow parameters."""
+
+    subscription_id: str | None = Field(None, description="Azure subscription id (else $AZURE_SUBSCRIPTION_ID).")
+    resource_group: str | None = Field(None, description="Resource group of the workspace (else "
+                                                         "$AZURE_RESOURCE_GROUP).")
+    workspace_name: str | None = Field(None, description="Azure ML workspace name (else $AZUREML_WORKSPACE_NAME).")
+    config_path: Path | None = Field(None, description="A workspace config.json (downloaded from the portal); "
+                                                       "searched for in the working folder and its parents "
+                                                       "when the three values above are not all set.")
+    cloud: str | None = Field(None, description="Azure cloud name (AzureCloud, AzureChinaCloud, "
+                                                "AzureUSGovernment); default AzureCloud.")
+
+    def resolved(self, environ: dict[str, str] | None = None) -> AzureWorkspace:
+        """Fill the fields left empty from the environment variables."""
+        environ = os.environ if environ is None else environ
+        values = {field: getattr(self, field) or environ.get(var) or None for field, var in WORKSPACE_ENV.items()}
+        return self.model_copy(update=values)
+
+    def missing(self) -> list[str]:
+        return [field for field in WORKSPACE_ENV if not getattr(self, field)]
+
+
+class AzurePrincipal(_Config):
+    """A service principal, read from the environment at the entry point (never a flow parameter).
+
+    When absent, ``DefaultAzureCredential`` finds a credential itself (managed identity,
+    ``az login``, workload identity, or these same variables).
+    """
+
+    tenant_id: str | None = None
+    client_id: str | None = None
+    client_secret: SecretStr | None = None
+    authority_host: str | None = Field(None, description="Entra ID host of a private or sovereign cloud "
+                                                         "(else azure-identity's default for AzureCloud).")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> AzurePrincipal | None:
+        """AZURE_TENANT_ID, AZURE_CLIENT_ID, AZURE_CLIENT_SECRET (and AZURE_AUTHORITY_HOST); None if incomplete."""
+        environ = os.environ if environ is None else environ
+        secret = environ.get("AZURE_CLIENT_SECRET")
+        principal = cls(tenant_id=environ.get("AZURE_TENANT_ID"), client_id=environ.get("AZURE_CLIENT_ID"),
+                        client_secret=SecretStr(secret) if secret else None,
+                        authority_host=environ.get("AZURE_AUTHORITY_HOST") or None)
+        return principal if principal.complete() else None
+
+    def complete(self) -> bool:
+        return bool(self.tenant_id and self.client_id and self.client_secret)
+
+
+class RegistryConfig(_Config):
+    """Where and whether the finished model is registered."""
+
+    backend: Literal["mlflow", "azureml", "none"] = Field(
+        "mlflow", description="mlflow: the MLflow Model Registry on the tracking store; azureml: an Azure ML "
+                              "workspace; none: do not register.")
+    model_name: str = Field("oliveflow-model", pattern=NAME_PATTERN,
+                            description="Registered model name (letters, digits, '.', '_', '-').")
+    version: str | None = Field(None, description="Version to register as; empty lets the registry number it. "
+                                                  "An existing version holding a different model is an error.")
+    force: bool = Field(False, description="Register even if the quality gate says no (smoke test failed or "
+                                           "eval loss worse than the current latest version).")
+    azure: AzureWorkspace = Field(default_factory=AzureWorkspace, description="Azure ML workspace (azureml only).")
+
+
+def find_workspace_config(start: Path | None = None) -> Path | None:
+    """Where ``MLClient.from_config`` would look: config.json or .azureml/config.json, upwards."""
+    folder = (start or Path.cwd()).resolve()
+    for candidate_dir in (folder, *folder.parents):
+        for name in ("config.json", ".azureml/config.json"):
+            path = candidate_dir / name
+            if path.is_file():
+                return path
+    return None
+
+
+def _config_json_missing(path: Path) -> list[str]:
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return list(WORKSPACE_ENV)
+    keys = {"subscription_id": "subscription_id", "resource_group": "resource_group",
+            "workspace_name": "workspace_name"}
+    return [field for field, key in keys.items() if not values.get(key)]
+
+
+def registry_settings_errors(config: RegistryConfig, environ: dict[str, str] | None = None,
+                             cwd: Path | None = None) -> list[str]:
+    """Problems with the registry settings, each a line a person can act on; [] when usable.
+
+    Cheap (no network): call it at flow start, before any heavy stage.
+    """
+    if config.backend != "azureml":
+        return []
+    workspace = config.azure.resolved(environ)
+    missing = workspace.missing()
+    if not missing:
+        return []
+    config_json = workspace.config_path or find_workspace_config(cwd)
+    if config_json is not None:
+        if not config_json.is_file():
+            return [f"registry azureml: workspace config {config_json} does not exist; "
+                    "fix registry.azure.config_path or set the workspace values"]
+        still = _config_json_missing(config_json)
+        if not still:
+            return []
+        return [f"registry azureml: {config_json} lacks {', '.join(still)}; add them, or set "
+                + ", ".join(f"registry.azure.{m} (${WORKSPACE_ENV[m]})" for m in missing)]
+    return ["registry azureml: missing " + ", ".join(f"registry.azure.{m} (${WORKSPACE_ENV[m]})" for m in missing)
+            + "; set them as flow parameters or environment variables, or put the workspace's config.json "
+              "in the working folder (registry.azure.config_path)"]
+
+
+def check_registry_settings(config: RegistryConfig, environ: dict[str, str] | None = None) -> None:
+    errors = registry_settings_errors(config, environ)
+    if errors:
+        raise InputError("; ".join(errors))
+
+
 class PipelineParams(_Config):
     """Everything one run of the pipeline takes."""
 
@@ -318,4 +448,3 @@ def overlay(defaults: dict, params: PipelineParams) -> PipelineParams:
     if not defaults:
         return params
     return PipelineParams.model_validate(_deep_merge(defaults, params.model_dump(mode="json", exclude_unset=True)))
-

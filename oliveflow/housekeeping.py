@@ -26,6 +26,7 @@ import shutil
 import sqlite3
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,8 +35,8 @@ from pydantic import BaseModel, ConfigDict, computed_field
 
 from oliveflow.config import oliveflow_home
 from oliveflow.errors import InputError
+from oliveflow.lineage import CONTENT_TAG, public_uri
 from oliveflow.olive_runner import WORK_DIR
-from oliveflow.registry import CONTENT_TAG
 from oliveflow.store import MANIFEST, SCRATCH_PREFIXES, ArtifactStore, lock_is_held, scratch_dir, stale_scratch
 
 # Olive's work folder inside a stage's temp folder, and Olive's default cache (olive.common.constants
@@ -43,6 +44,16 @@ from oliveflow.store import MANIFEST, SCRATCH_PREFIXES, ArtifactStore, lock_is_h
 OLIVE_DIRS = (WORK_DIR, ".olive-cache")
 _KEY = re.compile(r"[0-9a-f]{64}")  # a stage key (sha256): only such folders are ever taken for artifacts
 _SMALL_JSON = 1 << 20  # an artifact's own JSON files above this are model data, not references
+
+
+@dataclass(frozen=True)
+class PrefectRecords:
+    """Where Prefect keeps the cache records of local runs, as its settings say; read by the caller (the CLI), as
+    nothing under ``oliveflow/`` imports Prefect."""
+
+    local_storage_path: Path  # PREFECT_LOCAL_STORAGE_PATH (settings.results.local_storage_path)
+    # The settings that are set and may send records elsewhere: PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK, PREFECT_API_URL.
+    elsewhere: tuple[str, ...] = ()
 
 
 class _Frozen(BaseModel):
@@ -160,13 +171,15 @@ class PruneOutcome(_Frozen):
 
 # ---- survey ----
 
-def cache_report(store_location: str | Path, home: Path | None = None, prefect_storage: Path | None = None, *,
+def cache_report(store_location: str | Path, home: Path | None = None,
+                 prefect_storage: Path | PrefectRecords | None = None, *,
                  verify: bool = False, must_exist: bool = False) -> CacheReport:
     """Survey the store at ``store_location`` and what surrounds it. It only reads, except that probing the lock of
     a scratch folder whose lock file is missing (``stale_scratch``) makes that file.
 
-    ``home``: ``$OLIVEFLOW_HOME`` by default; ``prefect_storage``: where Prefect keeps cache records for local runs
-    (``PREFECT_LOCAL_STORAGE_PATH``); ``verify`` hashes every artifact instead of checking its manifest and size;
+    ``home``: ``$OLIVEFLOW_HOME`` by default; ``prefect_storage``: where Prefect keeps cache records for local runs:
+    a folder (all the records there are), or Prefect's settings (``PrefectRecords``); None: not known, so artifacts
+    with no record are kept; ``verify`` hashes every artifact instead of checking its manifest and size;
     ``must_exist``: a store folder that does not exist is an InputError rather than an empty store.
     """
     home = Path(home or oliveflow_home()).expanduser().resolve()
@@ -213,18 +226,17 @@ def cache_report(store_location: str | Path, home: Path | None = None, prefect_s
                        locks=locks, olive=olive, home_folders=folders, notes=notes)
 
 
-def _records_location(prefect_storage: Path | None) -> tuple[Path | None, bool, str | None]:
+def _records_location(prefect: Path | PrefectRecords | None) -> tuple[Path | None, bool, str | None]:
     """Where Prefect's cache records for local runs are, and whether they are all there is."""
-    from prefect.settings import get_current_settings  # settings only: nothing here starts or imports the server
-
-    settings = get_current_settings()
-    folder = Path(prefect_storage or settings.results.local_storage_path).expanduser().resolve()
-    elsewhere = [name for name, value in (("PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK",
-                                           settings.results.default_storage_block),
-                                          ("PREFECT_API_URL", settings.api.url)) if value]
-    if elsewhere and prefect_storage is None:
-        return folder, False, (f"{' and '.join(elsewhere)} set: cache records may live outside {folder}, so artifacts "
-                               "with no record here are kept (unset them to prune those when runs here are local)")
+    if prefect is None:
+        return None, False, "Prefect's cache records were not located: artifacts with no record are kept"
+    if not isinstance(prefect, PrefectRecords):
+        return Path(prefect).expanduser().resolve(), True, None
+    folder = Path(prefect.local_storage_path).expanduser().resolve()
+    if prefect.elsewhere:
+        return folder, False, (f"{' and '.join(prefect.elsewhere)} set: cache records may live outside {folder}, so "
+                               "artifacts with no record here are kept (unset them to prune those when runs here are "
+                               "local)")
     return folder, True, None
 
 
@@ -232,8 +244,6 @@ def _registered(home: Path) -> tuple[dict[str, str] | None, dict[str, str], str 
     """(content hash -> "name vN", source -> "name vN") of the MLflow registry's versions; None when not readable.
 
     Read from its SQLite file directly (read-only): no MLflow import, and no database is created where none is."""
-    from oliveflow.tracking import public_uri
-
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
     if not uri.startswith("sqlite:///"):
         return None, {}, (f"the model registry at {public_uri(uri)} is not read here: every export artifact (and "

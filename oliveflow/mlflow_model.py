@@ -13,6 +13,7 @@ default answer length, overridable per call with ``params={"max_new_tokens": n}`
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,45 @@ from mlflow.pyfunc import PythonModel
 
 ADAPTER_NAME = "finetuned"
 DEFAULT_MAX_NEW_TOKENS = 48
+
+
+class NonFiniteLogits(ArithmeticError):
+    """The model gave a non-finite logit before generating token ``position`` of its answer."""
+
+    def __init__(self, position: int):
+        super().__init__(f"non-finite logits at generated token {position}")
+        self.position = position
+
+
+def greedy_answer(og, model, tokenizer, prompt: str, max_new_tokens: int, adapters=None
+                  ) -> tuple[str, list[int], list[float]]:
+    """Greedy answer to ``prompt`` (with adapter ``ADAPTER_NAME`` of ``adapters`` active when given), its token
+    ids, and the seconds each token took (the first includes the prompt). The one generation loop: the smoke
+    test and this pyfunc both answer through it (here, not in oliveflow: a logged model loads this file alone).
+
+    Raises NonFiniteLogits on the first non-finite logit.
+    """
+    import numpy as np
+
+    params = og.GeneratorParams(model)
+    ids = tokenizer.encode(prompt)
+    params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    if adapters is not None:
+        generator.set_active_adapter(adapters, ADAPTER_NAME)
+    tokens: list[int] = []
+    latencies: list[float] = []
+    tick = time.perf_counter()
+    generator.append_tokens(ids)
+    while not generator.is_done():
+        if not np.isfinite(generator.get_logits()).all():
+            raise NonFiniteLogits(len(tokens))
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+        now = time.perf_counter()
+        latencies.append(now - tick)
+        tick = now
+    return tokenizer.decode(tokens).strip(), tokens, latencies
 
 
 def _prompts(model_input: Any) -> list[str]:
@@ -65,19 +105,8 @@ class GenaiModel(PythonModel):
         return self._template.format_map({self._field: prompt}) if self._template else prompt
 
     def _answer(self, prompt: str, max_new_tokens: int) -> str:
-        og = self._og
-        ids = self._tokenizer.encode(self._format(prompt))
-        params = og.GeneratorParams(self._model)
-        params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
-        generator = og.Generator(self._model, params)
-        if self._adapters is not None:
-            generator.set_active_adapter(self._adapters, ADAPTER_NAME)
-        generator.append_tokens(ids)
-        tokens: list[int] = []
-        while not generator.is_done():
-            generator.generate_next_token()
-            tokens.append(int(generator.get_next_tokens()[0]))
-        return self._tokenizer.decode(tokens).strip()
+        return greedy_answer(self._og, self._model, self._tokenizer, self._format(prompt), max_new_tokens,
+                             self._adapters)[0]
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
         max_new_tokens = int((params or {}).get("max_new_tokens") or self._max_new_tokens)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from oliveflow.errors import InputError
+from oliveflow.store import staged_dir
 
 MARKER = ".oliveflow-output"
 
@@ -26,15 +25,8 @@ def publish(model_dir: Path, target: Path) -> Path:
     """Copy ``model_dir`` to ``target`` through a temp folder beside it and a rename."""
     check_output_dir(target)
     target = Path(target).expanduser().resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        staged = tmp / "model"
-        shutil.copytree(model_dir, staged)
+    # No sweep: the target's parent is the user's folder, where a ".tmp-*" may be someone else's.
+    with staged_dir(target, sweep=False) as staged:
+        shutil.copytree(model_dir, staged, dirs_exist_ok=True)
         (staged / MARKER).write_text(str(model_dir) + "\n")
-        if target.exists():
-            os.replace(target, tmp / "previous")
-        os.replace(staged, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target

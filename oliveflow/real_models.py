@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from filelock import FileLock
 
 from oliveflow.errors import InputError
 from oliveflow.hashing import file_sha256
+from oliveflow.store import staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +55,9 @@ def convert_gguf(gguf: Path, sha256: str | None = None) -> Path:
     with FileLock(str(out_dir.parent / f".{out_dir.name}.lock")):
         if (out_dir / MARKER).is_file():  # another process converted it while we waited
             return out_dir
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        try:
+        with staged_dir(out_dir) as tmp:  # a folder there without a marker is an unfinished one: replaced
             _convert_into(gguf, tmp)
             (tmp / MARKER).write_text(json.dumps({"gguf": str(gguf), "sha256": sha256}, indent=1))
-            shutil.rmtree(out_dir, ignore_errors=True)  # a folder without a marker is an unfinished one
-            os.replace(tmp, out_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -37,7 +37,7 @@ def markdown(result: PipelineResult) -> str:
               f"Latency (onnxruntime-genai, adapter on): first token {smoke.ttft_seconds * 1000:.1f} ms, "
               f"decode {smoke.decode_tokens_per_second:.1f} tokens/s, p50 {smoke.token_latency_p50_ms:.2f} ms, "
               f"p90 {smoke.token_latency_p90_ms:.2f} ms",
-              f"Smoke test: {'passed' if smoke.passed else 'FAILED'}",
+              f"Smoke test: {'answered' if smoke.answered else 'FAILED (no answers)'}",
               f"MLflow run: `{result.mlflow_run_id}`; registration: {result.registration}", "",
               f"Model folder: `{result.onnx_model_dir}`  ", f"Adapter: `{result.adapter_file}`", "",
               "## Samples", "", "| prompt | reference | without adapter | with adapter |", "| --- | --- | --- | --- |"]

@@ -114,8 +114,9 @@ class Sample(_Result):
 
 class SmokeReport(_Result):
     artifact: Artifact | None = Field(None, description="Where the report is stored, when it is.")
-    passed: bool = Field(description="Answers were generated and none was non-finite or degenerate (a failed "
-                                     "check raises, so a report exists only for a model that passed).")
+    answered: bool = Field(description="Every prompt got a non-empty answer (True when none was asked). Not a "
+                                       "quality verdict: ROUGE-L and the held-out perplexity are; a non-finite "
+                                       "or degenerate output raises instead of making a report.")
     samples: list[Sample]
     rouge_l_base: float | None = Field(None, description="Mean ROUGE-L F of the answers without the adapter.")
     rouge_l_finetuned: float | None = Field(None, description="Mean ROUGE-L F of the answers with the adapter.")

@@ -174,7 +174,7 @@ class ArtifactStore:
                             self.location)
                 return None
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-            _replace(tmp, final)
+            replace_dir(tmp, final)
         return self._local(stage, key, verify=False)
 
 
@@ -215,24 +215,42 @@ def _bar(description: str, size: int):
 
 
 @contextlib.contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield an empty temp folder beside ``final``; on success it replaces ``final`` (with a manifest)."""
+def staged_dir(final: Path, sweep: bool = True) -> Iterator[Path]:
+    """Yield an empty temp folder beside ``final``; when the block ends without an error, the folder is renamed
+    to ``final`` (a folder already there is moved aside first, and put back if the rename fails). On an error the
+    temp folder goes; one a killed process left is swept by a later scratch folder unless ``sweep`` is False (see
+    ``scratch_dir``). oliveflow's one temp folder + rename: the store (``atomic_dir``) and the published output use
+    it, the tiny model its two parts (``scratch_dir``, ``replace_dir``)."""
     final = Path(final)
-    with scratch_dir(final.parent, f".tmp-{final.name[:12]}-") as tmp:
+    with scratch_dir(final.parent, f".tmp-{final.name[:12]}-", sweep=sweep) as tmp:
+        yield tmp
+        replace_dir(tmp, final, sweep)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """``staged_dir`` for a store artifact: the folder gets its manifest just before the rename."""
+    with staged_dir(final) as tmp:
         yield tmp
         record = tmp / RESULT_FILE
         (tmp / MANIFEST).write_text(json.dumps(
             {"sha256": content_sha256(tmp), "size_bytes": tree_size(tmp), "created": time.time(),
              "result_sha256": file_sha256(record) if record.exists() else None}, indent=1))
-        _replace(tmp, final)
 
 
-def _replace(tmp: Path, final: Path) -> None:
-    if final.exists():
-        # A stale or damaged artifact under the same name: move it aside, then drop it.
-        with scratch_dir(final.parent, f".old-{final.name[:12]}-") as trash:
-            os.replace(final, trash / "old")
-    os.replace(tmp, final)
+def replace_dir(tmp: Path, final: Path, sweep: bool = True) -> None:
+    """Rename the folder ``tmp`` to ``final``, replacing a folder there (``sweep`` as in ``scratch_dir``)."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    # os.replace cannot overwrite a non-empty folder: move the old one aside, then drop it.
+    with scratch_dir(final.parent, f".old-{final.name[:12]}-", sweep=sweep) as trash:
+        os.replace(final, trash / "old")
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            os.replace(trash / "old", final)
+            raise
 
 
 # Scratch folders beside artifacts: writes in progress, downloads, artifacts being dropped.
@@ -240,13 +258,15 @@ SCRATCH_PREFIXES = (".tmp-", ".get-", ".old-")
 
 
 @contextlib.contextmanager
-def scratch_dir(parent: Path, prefix: str) -> Iterator[Path]:
+def scratch_dir(parent: Path, prefix: str, sweep: bool = True) -> Iterator[Path]:
     """A new folder in ``parent``, removed when the block ends, and held meanwhile by an OS lock beside it
     (``<folder>.lock``). The kernel drops the lock when this process dies, however it dies, so a folder whose
-    lock is free was left by a killed run: the next scratch folder made in ``parent`` sweeps it away."""
+    lock is free was left by a killed run: the next scratch folder made in ``parent`` sweeps it away (unless
+    ``sweep`` is False: a folder oliveflow does not own, where a ``.tmp-*`` may be someone else's)."""
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
-    sweep_scratch(parent)
+    if sweep:
+        sweep_scratch(parent)
     folder = parent / f"{prefix}{uuid.uuid4().hex[:12]}"
     lock = FileLock(f"{folder}.lock", thread_local=False)
     try:

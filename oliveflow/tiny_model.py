@@ -14,8 +14,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -24,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from oliveflow.config import REPO_ROOT, oliveflow_home
+from oliveflow.stages.data import read_examples
+from oliveflow.store import replace_dir, scratch_dir
 
 # Bump whenever a change to this module changes the bytes it writes, so old caches are rebuilt.
 BUILDER_VERSION = "1"
@@ -84,24 +84,12 @@ class _Example:
 
 
 def _read_jsonl(data_files: Sequence[Path]) -> tuple[list[str], list[_Example]]:
-    """Return (every string field value, the prompt/response pairs) from JSONL files."""
-    strings: list[str] = []
-    examples: list[_Example] = []
-    for path in data_files:
-        with Path(path).open(encoding="utf-8") as handle:
-            for lineno, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{lineno}: invalid JSON: {exc}") from exc
-                if not isinstance(record, dict):
-                    raise ValueError(f"{path}:{lineno}: expected a JSON object")
-                strings.extend(v for v in record.values() if isinstance(v, str))
-                prompt, response = record.get("prompt"), record.get("response")
-                if isinstance(prompt, str) and isinstance(response, str):
-                    examples.append(_Example(prompt, response))
+    """Return (every string field value, the prompt/response pairs) from JSONL files (read as the data stage
+    reads them)."""
+    rows = [row for path in data_files for row in read_examples(path, [])]
+    strings = [v for row in rows for v in row.values() if isinstance(v, str)]
+    examples = [_Example(row["prompt"], row["response"]) for row in rows
+                if isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str)]
     if not examples:
         raise ValueError(f"no prompt/response examples in {[str(p) for p in data_files]}")
     return strings, examples
@@ -298,12 +286,8 @@ def default_data_files() -> list[Path]:
     return [BUNDLED_DATA_FILE]
 
 
-def default_model_dir(
-    data_files: Sequence[Path] | None = None,
-    *,
-    seed: int = 0,
-    params: TinyModelParams | None = None,
-) -> Path:
+def default_model_dir(data_files: Sequence[Path] | None = None, *, seed: int = 0,
+                      params: TinyModelParams | None = None) -> Path:
     """`$OLIVEFLOW_HOME/models/tiny-phi3-<fingerprint[:12]>` for these inputs."""
     files = list(data_files) if data_files is not None else default_data_files()
     fingerprint = compute_fingerprint(files, seed=seed, params=params)
@@ -344,21 +328,15 @@ def build_tiny_model(
         if not force and _is_built(out_dir, fingerprint):
             return out_dir
         _check_replaceable(out_dir)  # fail before the build, not after it
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        try:
+        # out_dir may be anywhere: nothing beside it is swept.
+        with scratch_dir(out_dir.parent, f".{out_dir.name}.tmp-", sweep=False) as tmp_dir:
             _build_into(tmp_dir, data_files, params, seed, fingerprint)
             _swap_into_place(tmp_dir, out_dir)
-        finally:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
     return out_dir
 
 
-def ensure_tiny_model(
-    data_files: Sequence[Path] | None = None,
-    *,
-    seed: int = 0,
-    params: TinyModelParams | None = None,
-) -> Path:
+def ensure_tiny_model(data_files: Sequence[Path] | None = None, *, seed: int = 0,
+                      params: TinyModelParams | None = None) -> Path:
     """Return the cached default model for these inputs, building it first if missing."""
     files = list(data_files) if data_files is not None else default_data_files()
     out_dir = default_model_dir(files, seed=seed, params=params)
@@ -406,7 +384,7 @@ def _build_into(
 
 
 def _apply_umask_modes(folder: Path) -> None:
-    """mkdtemp makes 0700 folders (and safetensors 0600 files); a shared cache wants umask modes."""
+    """safetensors writes 0600 files; a shared cache wants umask modes."""
     umask = os.umask(0)
     os.umask(umask)
     folder.chmod(0o777 & ~umask)
@@ -423,19 +401,6 @@ def _check_replaceable(out_dir: Path) -> None:
 
 
 def _swap_into_place(tmp_dir: Path, out_dir: Path) -> None:
-    """Rename `tmp_dir` to `out_dir`; an existing `out_dir` is moved aside first, then deleted."""
-    if not out_dir.exists():
-        os.replace(tmp_dir, out_dir)
-        return
+    """Rename `tmp_dir` to `out_dir`, checking again at the last moment that an existing `out_dir` is ours."""
     _check_replaceable(out_dir)
-    # os.replace cannot overwrite a non-empty directory, so retire the old one by rename.
-    trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    old = trash / out_dir.name
-    os.replace(out_dir, old)
-    try:
-        os.replace(tmp_dir, out_dir)
-    except OSError:
-        os.replace(old, out_dir)
-        raise
-    finally:
-        shutil.rmtree(trash, ignore_errors=True)
+    replace_dir(tmp_dir, out_dir, sweep=False)

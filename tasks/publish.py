@@ -6,10 +6,23 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from oliveflow.config import TrackingConfig
-from oliveflow.registry import AzurePrincipal, RegistrationOutcome, RegistryConfig, make_registry, register_model
+from oliveflow.config import AzurePrincipal, RegistryConfig, TrackingConfig
+from oliveflow.lineage import Lineage, RunContext, TrackedRun
+from oliveflow.mlflow_store import TrackingError
+from oliveflow.registry import RegistrationOutcome, make_registry, register_model
 from oliveflow.results import PipelineResult
-from oliveflow.tracking import Lineage, TrackedRun, TrackingError, experiment_name, track_run
+from oliveflow.run_payloads import experiment_name
+from oliveflow.tracking import track_run
+
+
+def run_context() -> RunContext:
+    """The current Prefect flow run as plain values, for the lineage (``oliveflow/`` never imports Prefect).
+
+    Outside a flow run every value is None, as tracking outside Prefect has them."""
+    from prefect.runtime import deployment, flow_run
+
+    return RunContext(flow_name=flow_run.flow_name, flow_run_id=flow_run.id, flow_run_name=flow_run.name,
+                      flow_run_url=flow_run.ui_url, deployment_name=deployment.name)
 
 
 def _tracking_failed(task, task_run, state) -> bool:
@@ -33,7 +46,7 @@ def track_task(result: PipelineResult, params: BaseModel, lineage: Lineage, conf
 
 
 # No task retries: the registry retries each call itself, with backoff, looking the content hash up before
-# any second create (oliveflow.registry); another round here would only repeat those waits.
+# any second create (oliveflow.registry_backends); another round here would only repeat those waits.
 @task(name="register_model", cache_policy=NO_CACHE)
 def register_task(config: RegistryConfig, result: PipelineResult, tracked: TrackedRun | None,
                   lineage: Lineage) -> RegistrationOutcome:

@@ -1,7 +1,7 @@
-"""Thin Prefect tasks over the stage functions: cache keys, the artifact store, retries, artifacts.
+"""Thin Prefect tasks over the stage functions: the artifact store, retries, artifacts.
 
-Caching: each heavy stage's key is a hash of its inputs' content hashes, its canonical
-config, the versions of the libraries that shape its output and the store location.
+Caching: each heavy stage's key (``Stage.key`` in oliveflow/stages/table.py) is a hash of its inputs' content
+hashes, its canonical config, the versions of the libraries that shape its output and the store location.
 The artifact store is the source of truth: the task is forced to recompute
 (``refresh_cache``) whenever the store has no intact artifact under that key, so a Prefect
 cache hit can never hand out a path that is gone or altered. Results Prefect persists are
@@ -11,7 +11,6 @@ the small manifests in ``oliveflow.results``.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import time
 import uuid
@@ -24,16 +23,12 @@ from prefect.cache_policies import NO_CACHE, CacheKeyFnPolicy
 from prefect.results import get_result_store
 from pydantic import BaseModel
 
-from oliveflow.config import DataConfig, ExportConfig, FinetuneConfig, QuantizeConfig, SmokeTestConfig
+from oliveflow.config import DataConfig, QuantizeConfig
 from oliveflow.errors import StageError
-from oliveflow.hashing import config_sha256, file_sha256, library_versions
-from oliveflow.results import Adapter, BaseModelRef, DataReport, OnnxModel, QuantizedModel, SmokeReport, StageRun
+from oliveflow.results import BaseModelRef, DataReport, StageRun
 from oliveflow.stages.data import resolve_template, validate_data
-from oliveflow.stages.export import export_onnx
-from oliveflow.stages.finetune import finetune
 from oliveflow.stages.model import resolve_model
-from oliveflow.stages.quantize import quantize
-from oliveflow.stages.smoke_test import smoke_test
+from oliveflow.stages.table import STAGES, Stage
 from oliveflow.store import RESULT_FILE, ArtifactStore, load_result
 from tasks.locking import lock_manager
 
@@ -65,23 +60,6 @@ CACHED = dict(cache_policy=CACHE_POLICY, persist_result=True, result_serializer=
               retries=1, retry_delay_seconds=5, retry_condition_fn=_transient)
 
 
-@functools.cache
-def code_sha256(stage: str) -> str:
-    """Hash of the code that shapes a stage's output, so a fix to it invalidates old entries."""
-    import oliveflow
-
-    root = Path(oliveflow.__file__).parent
-    files = [root / "stages" / f"{stage}.py", root / "olive_ext.py", root / "olive_runner.py", root / "sft.py"]
-    if stage == "quantize":
-        files.append(root / "awq.py")
-    return config_sha256([file_sha256(f) for f in files])
-
-
-def stage_key(stage: str, store: ArtifactStore, **inputs: Any) -> str:
-    return config_sha256({"stage": stage, "store": store.location, "versions": library_versions(),
-                          "code": code_sha256(stage), **inputs})
-
-
 def materialize(store: ArtifactStore, stage: str, key: str, result_type: type[R], build: Callable[[Path], R]) -> R:
     """Serve the stage's result from the store, or build it in a temp folder and rename it in."""
     if store.lookup(stage, key) is None:
@@ -107,59 +85,29 @@ def resolve_template_task(config: DataConfig, base: BaseModelRef) -> str:
     return resolve_template(config, base.artifact.path)
 
 
-# ---- heavy stages: cached on content ----
+# ---- heavy stages: cached on content, one task per row of the stage table ----
 
-def quantize_key(store: ArtifactStore, base: BaseModelRef, config: QuantizeConfig, data: DataReport) -> str:
-    # gptq and awq calibrate on the data's fields (not the template); rtn needs the model and config alone.
-    calibrated = config.algorithm in ("gptq", "awq")
-    calibration = {"data": data.train_sha256, "fields": data.fields} if calibrated else None
-    return stage_key("quantize", store, model=base.artifact.sha256, config=config, calibration=calibration)
+def _stage_task(stage: Stage):
+    """``stage`` as a Prefect task named after it, cached on its ``key`` argument."""
+    def run(key: str, store_url: str, inputs: dict[str, Any]) -> BaseModel:
+        return materialize(ArtifactStore(store_url), stage.name, key, stage.result,
+                           lambda out: stage.call(inputs, out))
 
-
-@task(name="quantize", **CACHED)
-def quantize_task(key: str, store_url: str, base: BaseModelRef, config: QuantizeConfig,
-                  data: DataReport) -> QuantizedModel:
-    return materialize(ArtifactStore(store_url), "quantize", key, QuantizedModel,
-                       lambda out: quantize(base, config, out, data=data))
+    run.__name__ = run.__qualname__ = f"{stage.name}_task"  # Prefect's task key: one per stage
+    return task(name=stage.name, **CACHED)(run)
 
 
-def finetune_key(store: ArtifactStore, base: BaseModelRef, model: QuantizedModel, data: DataReport, template: str,
-                 config: FinetuneConfig) -> str:
-    return stage_key("finetune", store, base=base.artifact.sha256, model=model.artifact.sha256,
-                     data=data.train_sha256, eval=data.eval_sha256, template=template, config=config)
+STAGE_TASKS = {stage.name: _stage_task(stage) for stage in STAGES}
 
 
-@task(name="finetune", **CACHED)
-def finetune_task(key: str, store_url: str, base: BaseModelRef, model: QuantizedModel, data: DataReport,
-                  template: str, config: FinetuneConfig) -> Adapter:
-    return materialize(ArtifactStore(store_url), "finetune", key, Adapter,
-                       lambda out: finetune(base, model, data, template, config, out))
+# ---- wiring helpers for flows ----
 
+def run_stage(stage: Stage, store: ArtifactStore, values: dict[str, Any]) -> tuple[Any, StageRun]:
+    """Run ``stage`` on the run's ``values`` (see the stage table) through its cached task."""
+    arguments = stage.arguments(values)
+    return run_cached(STAGE_TASKS[stage.name], store, stage.name, stage.key(store.location, arguments),
+                      inputs=arguments)
 
-def export_key(store: ArtifactStore, model: QuantizedModel, adapter: Adapter, config: ExportConfig) -> str:
-    return stage_key("export", store, model=model.artifact.sha256, adapter=adapter.artifact.sha256, config=config)
-
-
-@task(name="export_onnx", **CACHED)
-def export_task(key: str, store_url: str, model: QuantizedModel, adapter: Adapter, config: ExportConfig) -> OnnxModel:
-    return materialize(ArtifactStore(store_url), "export", key, OnnxModel,
-                       lambda out: export_onnx(model, adapter, config, out))
-
-
-def smoke_key(store: ArtifactStore, onnx: OnnxModel, base: BaseModelRef, data: DataReport, template: str,
-              config: SmokeTestConfig) -> str:
-    return stage_key("smoke_test", store, onnx=onnx.artifact.sha256, base=base.artifact.sha256,
-                     data=data.eval_sha256 or data.train_sha256, template=template, config=config)
-
-
-@task(name="smoke_test", **CACHED)
-def smoke_test_task(key: str, store_url: str, onnx: OnnxModel, base: BaseModelRef, data: DataReport,
-                    template: str, config: SmokeTestConfig) -> SmokeReport:
-    return materialize(ArtifactStore(store_url), "smoke_test", key, SmokeReport,
-                       lambda out: smoke_test(onnx, base, data, template, config))
-
-
-# ---- wiring helper for flows ----
 
 def run_cached(task_fn, store: ArtifactStore, stage: str, key: str, **kwargs: Any) -> tuple[Any, StageRun]:
     """Call a cached stage task; recompute when the store has no intact artifact for ``key``.

@@ -35,7 +35,7 @@ def chain(tiny_model_dir, tmp_path_factory):
     """quantize -> finetune -> export on the tiny model, once per session."""
     from oliveflow.config import DataConfig, ExportConfig, FinetuneConfig, QuantizeConfig
     from oliveflow.stages.data import resolve_template, validate_data
-    from oliveflow.stages.export import export_onnx
+    from oliveflow.stages.export import export
     from oliveflow.stages.finetune import finetune
     from oliveflow.stages.model import resolve_model
     from oliveflow.stages.quantize import quantize
@@ -49,7 +49,7 @@ def chain(tiny_model_dir, tmp_path_factory):
     template = resolve_template(data_config, tiny_model_dir)
     adapter = finetune(base, quantized, data, template,
                        FinetuneConfig(max_steps=30, learning_rate=3e-3), _fresh(root / "finetune"))
-    onnx = export_onnx(quantized, adapter, ExportConfig(), _fresh(root / "export"))
+    onnx = export(quantized, adapter, ExportConfig(), _fresh(root / "export"))
     return {"base": base, "data": data, "template": template, "quantized": quantized,
             "adapter": adapter, "onnx": onnx}
 

@@ -1,8 +1,8 @@
 """Real services the tests start and stop by pid: Azurite (blob storage) and a Redis server.
 
 Both are installed outside pip (.ci/install-azurite.sh, .ci/install-redis.sh). ``require`` turns a
-missing one into a skip that says how to install it, and into a failure under CI for Azurite, which CI
-always installs.
+missing one (or any other tool a test needs) into a skip that says how to install it, and into a failure
+under CI for what .ci/run says CI must have (Azurite; Chromium and Playwright for the UI test).
 """
 
 from __future__ import annotations
@@ -14,8 +14,11 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
+
+T = TypeVar("T")
 
 ACCOUNT = "devstoreaccount1"
 # Azurite's well-known development key (public, documented by Microsoft); not a secret.
@@ -29,9 +32,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def require(binary: Path | None, reason: str, ci_must_have: bool) -> Path:
-    if binary is not None:
-        return binary
+def require(found: T | None, reason: str, ci_must_have: bool) -> T:
+    """``found`` (a binary's path, an imported module...), or a skip saying ``reason`` when it is None; under CI
+    (``CI`` set, as .ci/run sets it) a failure instead when ``ci_must_have``."""
+    if found is not None:
+        return found
     if ci_must_have and os.environ.get("CI"):
         pytest.fail(reason + " -- CI must run these tests, not skip them")
     pytest.skip(reason)

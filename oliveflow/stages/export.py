@@ -1,4 +1,4 @@
-"""export_onnx: ModelBuilder int4 + ExtractAdapters -> an onnxruntime-genai folder and a .onnx_adapter file.
+"""export: ModelBuilder int4 + ExtractAdapters -> an onnxruntime-genai folder and a .onnx_adapter file.
 
 The base's int4 codes are copied from the quantized checkpoint (``QuantModelBuilder``),
 never re-quantized; the LoRA weights stay float and are pulled out of the graph into
@@ -40,7 +40,7 @@ def olive_config(model: QuantizedModel, adapter: Adapter, config: ExportConfig) 
     }
 
 
-def export_onnx(model: QuantizedModel, adapter: Adapter, config: ExportConfig, out_dir: Path) -> OnnxModel:
+def export(model: QuantizedModel, adapter: Adapter, config: ExportConfig, out_dir: Path) -> OnnxModel:
     """Export ``model`` + ``adapter`` into ``out_dir/model`` (flat genai folder)."""
     started = time.perf_counter()
     produced = Path(olive_runner.run_workflow(olive_config(model, adapter, config), out_dir, "export"))

@@ -36,7 +36,7 @@ def olive_config(base: BaseModelRef, config: QuantizeConfig, data: DataReport | 
             raise InputError(f"quantize.algorithm {config.algorithm} needs calibration data; pass --data")
         # Calibrate on the project's own examples: Olive's default set is downloaded from the Hub.
         workflow["data_configs"] = [jsonl_data_config("calibration", data.train_path, calibration_template(data), 512,
-                                                      config.calibration_samples)]
+                                                      config.calibration_blocks)]
         qpass.update(type="Gptq" if config.algorithm == "gptq" else "Awq", data_config="calibration")
     else:
         raise InputError(f"quantize.algorithm {config.algorithm!r} is unknown; use awq, rtn or gptq")

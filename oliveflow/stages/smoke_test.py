@@ -19,38 +19,20 @@ from oliveflow.hashing import tree_size
 from oliveflow.results import BaseModelRef, DataReport, OnnxModel, Sample, SmokeReport
 from oliveflow.stages.data import prompt_and_reference, read_examples
 
-ADAPTER_NAME = "finetuned"
 STUCK_RUN = 12  # an answer whose last 12 tokens are one token is stuck
 
 
 def _generate(og, model, tokenizer, prompt: str, max_new_tokens: int, adapters=None
               ) -> tuple[str, list[int], list[float]]:
-    """Greedy answer, its token ids, and the seconds each token took (the first includes the prompt).
+    """``greedy_answer`` (answer, token ids, seconds per token); a non-finite logit fails the stage."""
+    from oliveflow.mlflow_model import NonFiniteLogits, greedy_answer  # loads MLflow: only when a smoke test runs
 
-    Raises StageError on the first non-finite logit.
-    """
-    import numpy as np
-
-    params = og.GeneratorParams(model)
-    ids = tokenizer.encode(prompt)
-    params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
-    generator = og.Generator(model, params)
-    if adapters is not None:
-        generator.set_active_adapter(adapters, ADAPTER_NAME)
-    tokens, latencies = [], []
-    tick = time.perf_counter()
-    generator.append_tokens(ids)
-    while not generator.is_done():
-        if not np.isfinite(generator.get_logits()).all():
-            which = "with the adapter" if adapters is not None else "without the adapter"
-            raise StageError(f"smoke_test: non-finite logits {which} at generated token {len(tokens)} for prompt "
-                             f"{prompt[-60:]!r}; the exported model is numerically broken")
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
-        now = time.perf_counter()
-        latencies.append(now - tick)
-        tick = now
-    return tokenizer.decode(tokens).strip(), tokens, latencies
+    try:
+        return greedy_answer(og, model, tokenizer, prompt, max_new_tokens, adapters)
+    except NonFiniteLogits as exc:
+        which = "with the adapter" if adapters is not None else "without the adapter"
+        raise StageError(f"smoke_test: non-finite logits {which} at generated token {exc.position} for prompt "
+                         f"{prompt[-60:]!r}; the exported model is numerically broken") from None
 
 
 def degenerate(text: str, tokens: list[int], eos: set[int] = frozenset()) -> str | None:
@@ -88,6 +70,8 @@ def _onnx_size(model_dir: Path) -> int:
 def smoke_test(onnx: OnnxModel, base: BaseModelRef, data: DataReport, template: str,
                config: SmokeTestConfig) -> SmokeReport:
     import onnxruntime_genai as og
+
+    from oliveflow.mlflow_model import ADAPTER_NAME  # the name _generate activates
 
     if onnx.device == "gpu" and not og.is_cuda_available():
         raise StageError("smoke_test: the model was exported for CUDA but this onnxruntime-genai has no CUDA; "
@@ -133,7 +117,7 @@ def smoke_test(onnx: OnnxModel, base: BaseModelRef, data: DataReport, template: 
     p50_base, p90_base = percentiles(base_lat)
     size_after = _onnx_size(onnx.model_dir)
     return SmokeReport(
-        passed=bool(samples) or config.num_samples == 0,
+        answered=bool(samples) or config.num_samples == 0,
         samples=samples,
         rouge_l_base=rouge_l([s.base_answer for s in samples], references) if samples else None,
         rouge_l_finetuned=rouge_l([s.finetuned_answer for s in samples], references) if samples else None,

@@ -29,7 +29,7 @@ PREFECT = str(Path(sys.executable).with_name("prefect"))
 FLOW = "oliveflow-pipeline"
 # Small enough to keep each cold pipeline run to tens of seconds on 2 cores (awq, the default quantizer,
 # scales with its calibration samples).
-FAST = {"quantize": {"calibration_samples": 8},
+FAST = {"quantize": {"calibration_blocks": 8},
         "finetune": {"max_steps": 2, "batch_size": 2, "max_seq_len": 64},
         "smoke_test": {"num_samples": 1, "max_new_tokens": 8}}
 ARTIFACT_STORE = "az://oliveflow-artifacts/team"  # on Azurite, through adlfs
@@ -260,7 +260,7 @@ class Stack:
                     + "\n".join(self.processes.log(n)[-2000:] for n, _ in self.processes.started if n != "server"))
 
     def task_runs(self, flow_run_id: str) -> dict[str, Any]:
-        """The flow run's task runs by task name (validate_data, quantize, finetune, export_onnx, ...)."""
+        """The flow run's task runs by task name (validate_data, quantize, finetune, export, ...)."""
         from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
         from uuid import UUID
 

@@ -6,7 +6,7 @@ import pytest
 from flows.pipeline import pipeline
 from oliveflow.config import FinetuneConfig, PipelineParams, QuantizeConfig, SmokeTestConfig
 from oliveflow.store import ArtifactStore
-from oliveflow.tracking import TrackingError
+from oliveflow.mlflow_store import TrackingError
 
 FAST = dict(quantize=QuantizeConfig(algorithm="rtn"), finetune=FinetuneConfig(max_steps=5),
             smoke_test=SmokeTestConfig(num_samples=1, max_new_tokens=8))
@@ -19,7 +19,7 @@ def test_each_run_is_tracked_and_registration_is_idempotent():
     again = pipeline(params)
     assert again.mlflow_run_id != first.mlflow_run_id, "every flow run is its own MLflow run"
     assert "already registered as publish-test v1" in again.registration
-    from oliveflow.tracking import tracking_uri
+    from oliveflow.lineage import tracking_uri
 
     client = mlflow.MlflowClient(tracking_uri())
     run = client.get_run(first.mlflow_run_id)

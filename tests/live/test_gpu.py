@@ -63,12 +63,12 @@ def _smoke_on_gpu(onnx, chain) -> dict:
 
 def test_the_tiny_chain_runs_on_the_gpu_with_and_without_its_adapter(chain, tmp_path):
     from oliveflow.config import ExportConfig
-    from oliveflow.stages.export import export_onnx
+    from oliveflow.stages.export import export
 
     adapter = chain["adapter"]
     assert adapter.plan is not None and adapter.plan["device"] != "cpu", "the fine-tune was planned for the GPU"
     assert adapter.eval_loss_finetuned < adapter.eval_loss_quantized
-    onnx = export_onnx(chain["quantized"], adapter, ExportConfig(device="gpu"), tmp_path)
+    onnx = export(chain["quantized"], adapter, ExportConfig(device="gpu"), tmp_path)
     report = _smoke_on_gpu(onnx, chain)
     samples = report["samples"]
     assert len(samples) == 3 and all(s["finetuned_answer"] and s["base_answer"] for s in samples)

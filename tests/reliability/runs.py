@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from oliveflow.store import MANIFEST
+
 REPO = Path(__file__).resolve().parents[2]
 OLIVEFLOW = [sys.executable, "-m", "oliveflow.cli"]
 # The fewest steps that still run every stage.
@@ -26,7 +28,7 @@ def run_env(root: Path, **extra: str) -> dict[str, str]:
 def stored(store: Path) -> dict[str, dict[str, str]]:
     """{stage: {key: content sha256}} of the artifacts in a local store (manifests only)."""
     found: dict[str, dict[str, str]] = {}
-    for manifest in sorted(store.glob("*/*/oliveflow-manifest.json")):
+    for manifest in sorted(store.glob(f"*/*/{MANIFEST}")):
         found.setdefault(manifest.parent.parent.name, {})[manifest.parent.name] = json.loads(manifest.read_text())["sha256"]
     return found
 
@@ -34,4 +36,4 @@ def stored(store: Path) -> dict[str, dict[str, str]]:
 def half_written(store: Path) -> list[Path]:
     """Folders in the store that look like artifacts but are not complete ones (scratch folders excluded)."""
     return [p for p in store.glob("*/*") if p.is_dir() and not p.name.startswith(".")
-            and not (p / "oliveflow-manifest.json").is_file()]
+            and not (p / MANIFEST).is_file()]

@@ -20,7 +20,6 @@ import string
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from unittest import mock
 
@@ -341,7 +340,6 @@ def test_huge_lines(size, piece, huge_field, then_bad, ending, work, tokenizer):
     with tempfile.TemporaryDirectory(dir=work) as folder:
         path = Path(folder) / "train.jsonl"
         path.write_text(content, encoding="utf-8", newline="")
-        started = time.perf_counter()
         try:
             validate_data(DataConfig(train_path=path, eval_path=None, template=TEMPLATE))
         except InputError as exc:
@@ -352,7 +350,6 @@ def test_huge_lines(size, piece, huge_field, then_bad, ending, work, tokenizer):
             rows = read_examples(path, list(FIELDS))
             assert rows == [row]
             check_renders(TEMPLATE, rows, tokenizer, encode=False)  # tokenizing 5 MB is the tokenizer's business
-        assert time.perf_counter() - started < 30, "checking a few MB must not take long"
 
 
 @settings_for(80)
@@ -733,13 +730,10 @@ def test_command_line_mistakes_are_one_line_too(argv, message):
 ])
 def test_the_real_command_fails_fast_with_one_line(argv, message):
     """`python -m oliveflow.cli run` itself: exit 2, one line on stderr, no traceback, before Prefect or Olive."""
-    started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "oliveflow.cli", "run", *argv], capture_output=True, text=True,
                           timeout=60, cwd=REPO)
-    elapsed = time.perf_counter() - started
     assert done.returncode == 2 and not done.stdout, done
     assert message in assert_cli_error(done.returncode, done.stderr)
-    assert elapsed < 20, f"took {elapsed:.1f}s: it must fail before any heavy import"
 
 
 def test_refusals_do_not_import_prefect_or_olive():

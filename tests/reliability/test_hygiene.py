@@ -20,8 +20,10 @@ import pytest
 from filelock import FileLock
 
 from oliveflow.housekeeping import apply, cache_report, prune_plan
+from oliveflow.lineage import CONTENT_TAG
+from oliveflow.olive_runner import CONFIG_FILE
 from oliveflow.results import Adapter, Artifact, OnnxModel, QuantizedModel, SmokeReport
-from oliveflow.store import RESULT_FILE, ArtifactStore, load_result
+from oliveflow.store import MANIFEST, RESULT_FILE, ArtifactStore, load_result
 from runs import OLIVEFLOW, REPO, run_env
 
 MODEL_NAME = "oliveflow-model"
@@ -73,7 +75,7 @@ def _result(stage: str, folder: Path):
     if stage == "export":
         return OnnxModel(artifact=artifact, adapter_name="adapter_weights.onnx_adapter", device="cpu", seconds=1.0)
     numbers = {name: 0 for name, field in SmokeReport.model_fields.items() if field.is_required()}
-    return SmokeReport.model_validate({**numbers, "artifact": artifact, "passed": True, "samples": []})
+    return SmokeReport.model_validate({**numbers, "artifact": artifact, "answered": True, "samples": []})
 
 
 class World:
@@ -91,7 +93,7 @@ class World:
             (tmp / "model").mkdir()
             (tmp / "model" / "weights.bin").write_bytes(name.encode() * (size // len(name)))
             if reads:  # the Olive config a stage saves names the store folders it read
-                (tmp / "olive_config.json").write_text(json.dumps(
+                (tmp / CONFIG_FILE).write_text(json.dumps(
                     {"input_model": {"type": "HfModel", "model_path": str(reads[0]),
                                      **({"adapter_path": str(reads[1])} if len(reads) > 1 else {})},
                      "output_dir": ".olive-work/output", "cache_dir": ".olive-work/cache"}))
@@ -140,7 +142,7 @@ def registry_template(tmp_path_factory) -> Path:
     client = MlflowClient(tracking_uri=f"sqlite:///{db}", registry_uri=f"sqlite:///{db}")
     client.create_registered_model(MODEL_NAME)
     # Its source is MLflow's own copy of the model (log_model copies the folder), never a store path.
-    client.create_model_version(MODEL_NAME, str(db.parent / "logged-model"), tags={"content_sha256": "set-per-world"})
+    client.create_model_version(MODEL_NAME, str(db.parent / "logged-model"), tags={CONTENT_TAG: "set-per-world"})
     return db
 
 
@@ -189,9 +191,9 @@ def world(tmp_path, registry_template, monkeypatch):
     db = w.home / "mlflow" / "mlflow.db"
     db.parent.mkdir(parents=True)
     shutil.copy(registry_template, db)
-    sha = json.loads((a["registered"] / "oliveflow-manifest.json").read_text())["sha256"]
+    sha = json.loads((a["registered"] / MANIFEST).read_text())["sha256"]
     MlflowClient(tracking_uri=f"sqlite:///{db}", registry_uri=f"sqlite:///{db}").set_model_version_tag(
-        MODEL_NAME, "1", "content_sha256", sha)
+        MODEL_NAME, "1", CONTENT_TAG, sha)
 
     w.locks.mkdir(parents=True)
     a["free_lock"] = w.locks / f"{key('finished-long-ago')}.lock"

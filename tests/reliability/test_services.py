@@ -28,8 +28,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from oliveflow.registry import AzureMLRegistry, MlflowRegistry, RegistryError, azure_ml_client, register_model
-from oliveflow.tracking import Backoff, Lineage, TrackingError, check_tracking, track_run
+from oliveflow.lineage import CONTENT_TAG, Lineage
+from oliveflow.mlflow_store import Backoff, TrackingError, check_tracking
+from oliveflow.registry import register_model
+from oliveflow.registry_backends import AzureMLRegistry, MlflowRegistry, RegistryError, azure_ml_client
+from oliveflow.tracking import track_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))  # azure_standin lives with the unit tests
 
@@ -292,8 +295,10 @@ def _open_and_log(uri: str, via: str, barrier, answers) -> None:
         model = client.create_logged_model("0")
         registry = registry or MlflowRegistry(uri)
         barrier.wait(timeout=300)  # and all register the same model at once, as identical runs finishing together
-        version = registry.register("concurrent", Path("."), "same-content", {"mlflow_run_id": run.info.run_id},
-                                    model_uri=f"models:/{model.model_id}")
+        with registry.exclusive("concurrent"):  # as register_model does, less the gate
+            version = registry.existing("concurrent", "same-content") or registry.create_once(
+                "concurrent", Path("."), "same-content", {"mlflow_run_id": run.info.run_id}, None,
+                f"models:/{model.model_id}")
         answers.put((via, "ok", version.version))
     except BaseException as exc:  # reported to the test, which names it
         answers.put((via, f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}", None))
@@ -388,7 +393,7 @@ def test_a_create_whose_answer_was_lost_is_not_registered_twice(mlflow_server, r
     assert proxy.fates("POST", r"/model-versions/create$") == ["lose-answer"], "no second create was sent"
     versions = _mlflow_versions(mlflow_server, "lost-answer")
     assert [v.version for v in versions] == ["1"]
-    assert versions[0].tags["content_sha256"] == result.onnx.artifact.sha256
+    assert versions[0].tags[CONTENT_TAG] == result.onnx.artifact.sha256
 
 
 def test_registry_5xx_and_dropped_connections_are_retried(mlflow_server, result, tracked_on_server):
@@ -429,7 +434,7 @@ class AzureBehindProxies:
     def registry(self, faults_arm=(), faults_blob=()) -> AzureMLRegistry:
         from azure_standin import StaticToken, cloud_metadata
 
-        from oliveflow.registry import AzureWorkspace
+        from oliveflow.config import AzureWorkspace
 
         for proxy, faults in ((self.arm_proxy, faults_arm), (self.blob_proxy, faults_blob)):
             proxy.faults[:] = list(faults)

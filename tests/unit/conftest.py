@@ -45,13 +45,12 @@ def pipeline_result(chain, smoke_report) -> PipelineResult:
 
 @pytest.fixture(scope="session")
 def lineage(chain):
-    from oliveflow.tracking import current_lineage
+    from oliveflow.lineage import RunContext, current_lineage
 
-    here = current_lineage(chain["data"], chain["base"])
-    # As inside a Prefect flow run (current_lineage reads these from prefect.runtime there).
-    return here.model_copy(update={"flow_name": "oliveflow-pipeline", "flow_run_id": "0f1e2d3c-run",
-                                   "flow_run_name": "tidy-olive",
-                                   "flow_run_url": "http://127.0.0.1:4200/runs/flow-run/0f1e2d3c-run"})
+    # As inside a Prefect flow run (the flow passes these in from prefect.runtime: tasks.publish.run_context).
+    run = RunContext(flow_name="oliveflow-pipeline", flow_run_id="0f1e2d3c-run", flow_run_name="tidy-olive",
+                     flow_run_url="http://127.0.0.1:4200/runs/flow-run/0f1e2d3c-run")
+    return current_lineage(chain["data"], chain["base"], run)
 
 
 @pytest.fixture(scope="session")
@@ -114,7 +113,8 @@ class AzureStandIn:
     def ml_client(self, credential, workspace=None):
         from azure_standin import cloud_metadata
 
-        from oliveflow.registry import AzureWorkspace, azure_ml_client
+        from oliveflow.config import AzureWorkspace
+        from oliveflow.registry_backends import azure_ml_client
 
         # The SDK keeps custom clouds in a module-level table and ignores a second definition
         # under the same name: one name per client keeps each bound to these ports.

@@ -10,7 +10,7 @@ import torch
 
 from oliveflow.config import DataConfig, ExportConfig, FinetuneConfig, QuantizeConfig
 from oliveflow.stages.data import resolve_template, validate_data
-from oliveflow.stages.export import export_onnx
+from oliveflow.stages.export import export
 from oliveflow.stages.finetune import finetune
 from oliveflow.stages.model import resolve_model
 from oliveflow.stages.quantize import quantize
@@ -51,7 +51,7 @@ def test_chain_on_other_architecture(kind, tiny_model_dir, tmp_path):
     adapter = finetune(base, quantized, data, template,
                        FinetuneConfig(max_steps=3, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]),
                        dirs["f"])
-    onnx = export_onnx(quantized, adapter, ExportConfig(), dirs["e"])
+    onnx = export(quantized, adapter, ExportConfig(), dirs["e"])
     from test_stages import _torch_and_genai_logits
 
     ids = list(range(5, 45))  # 40 positions: a wrong RoPE base shows up far from position 0

@@ -11,14 +11,18 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from oliveflow.config import PipelineParams
-from oliveflow.errors import InputError
-from oliveflow.registry import (
-    CONTENT_TAG, AzureMLRegistry, AzurePrincipal, AzureWorkspace, MlflowRegistry, RegisteredVersion, RegistryConfig,
-    Candidate, RegistryError, azure_credential, check_registry_settings, decide, make_registry, register_model,
-    registry_settings_errors,
+from oliveflow.config import (
+    AzurePrincipal, AzureWorkspace, PipelineParams, RegistryConfig, check_registry_settings, registry_settings_errors,
 )
-from oliveflow.tracking import CorruptStoreError, track_run
+from oliveflow.errors import InputError
+from oliveflow.gate import Candidate, decide
+from oliveflow.lineage import CONTENT_TAG
+from oliveflow.mlflow_store import CorruptStoreError
+from oliveflow.registry import make_registry, register_model
+from oliveflow.registry_backends import (
+    AzureMLRegistry, MlflowRegistry, RegisteredVersion, RegistryError, azure_credential,
+)
+from oliveflow.tracking import track_run
 
 PLANTED = "planted-secret-XYZ"
 
@@ -30,18 +34,18 @@ def _champion(ppl: str | None, version: str = "3", rouge: str | None = None) -> 
     return RegisteredVersion(name="m", version=version, content_hash="c", tags=tags, uri=f"models:/m/{version}")
 
 
-def _candidate(ppl, passed=True, rouge=0.3, losses=(3.0, 3.5, 2.5)) -> Candidate:
-    return Candidate(eval_losses=(*losses, ppl), response_ppl=ppl, rouge_l=rouge, smoke_passed=passed)
+def _candidate(ppl, answered=True, rouge=0.3, losses=(3.0, 3.5, 2.5)) -> Candidate:
+    return Candidate(eval_losses=(*losses, ppl), response_ppl=ppl, rouge_l=rouge, smoke_answered=answered)
 
 
-def _variant(result, ppl: float | None = None, passed: bool | None = None, salt: str = "other", **adapter_changes):
+def _variant(result, ppl: float | None = None, answered: bool | None = None, salt: str = "other", **adapter_changes):
     """The same files under another content hash (a retrained model), with other metrics."""
     onnx = result.onnx.model_copy(update={"artifact": result.onnx.artifact.model_copy(
         update={"sha256": hashlib.sha256((result.onnx.artifact.sha256 + salt).encode()).hexdigest()})})
     if ppl is not None:
         adapter_changes["response_ppl_finetuned"] = ppl
     adapter = result.adapter.model_copy(update=adapter_changes)
-    smoke = result.smoke.model_copy(update={"passed": passed}) if passed is not None else result.smoke
+    smoke = result.smoke.model_copy(update={"answered": answered}) if answered is not None else result.smoke
     return result.model_copy(update={"onnx": onnx, "adapter": adapter, "smoke": smoke})
 
 
@@ -49,7 +53,7 @@ def _variant(result, ppl: float | None = None, passed: bool | None = None, salt:
 
 @pytest.mark.parametrize(("candidate", "champion", "force", "register", "words"), [
     (_candidate(20.0), None, False, True, "no version registered"),
-    (_candidate(20.0, passed=False), None, False, False, "smoke test failed"),
+    (_candidate(20.0, answered=False), None, False, False, "smoke test failed"),
     (_candidate(20.0), _champion("25"), False, True, "<= champion v3's 25.0000"),
     (_candidate(25.0), _champion("25"), False, True, "<="),
     (_candidate(26.0), _champion("25"), False, False, "26.0000 is worse than champion v3's 25.0000"),
@@ -63,7 +67,7 @@ def _variant(result, ppl: float | None = None, passed: bool | None = None, salt:
     (_candidate(float("nan")), None, False, False, "not finite"),
     (_candidate(float("inf")), None, True, False, "not finite"),
     (_candidate(20.0, losses=(3.0, float("nan"), 2.5)), None, False, False, "not finite"),
-    (_candidate(20.0, passed=False), None, True, False, "smoke test failed"),
+    (_candidate(20.0, answered=False), None, True, False, "smoke test failed"),
     # A champion's metric tag that is there but not a number (edited, damaged) is refused, not guessed at;
     # a missing one (above) just has nothing to beat.
     (_candidate(20.0), _champion("abc"), False, False,
@@ -165,7 +169,7 @@ def test_mlflow_gate_and_explicit_versions(tracked, mlflow_uri, pipeline_result,
     assert not refused.registered and refused.version is None
     assert refused.summary.startswith("not registered: response_ppl_finetuned") and "worse than champion v1" in \
         refused.summary
-    broken = _variant(pipeline_result, passed=False, salt="f")
+    broken = _variant(pipeline_result, answered=False, salt="f")
     failed = register_model(registry, "travel-gate", broken, tracked, lineage)
     assert failed.summary == "not registered: the smoke test failed"
     with pytest.raises(RegistryError, match=r"travel-gate version 1 already holds another model"):

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from oliveflow.config import ExportConfig, SmokeTestConfig
-from oliveflow.stages.export import export_onnx
+from oliveflow.stages.export import export
 from oliveflow.stages.smoke_test import smoke_test
 
 
@@ -148,7 +148,7 @@ def test_adapter_changes_the_output(chain):
 def test_smoke_test_reports_answers_latency_and_size(chain):
     report = smoke_test(chain["onnx"], chain["base"], chain["data"], chain["template"],
                         SmokeTestConfig(num_samples=2, max_new_tokens=12))
-    assert report.passed and len(report.samples) == 2
+    assert report.answered and len(report.samples) == 2
     assert all(s.prompt.startswith("<|user|>") for s in report.samples)
     assert report.ttft_seconds > 0 and report.decode_tokens_per_second > 0
     assert report.token_latency_p90_ms >= report.token_latency_p50_ms > 0
@@ -157,7 +157,7 @@ def test_smoke_test_reports_answers_latency_and_size(chain):
 
 def test_gpu_export_builds_a_cuda_model_on_a_cpu_machine(chain, tmp_path):
     """The CUDA option's export runs anywhere; running it needs the gpu extra (tested live only)."""
-    onnx_model = export_onnx(chain["quantized"], chain["adapter"], ExportConfig(device="gpu"), tmp_path)
+    onnx_model = export(chain["quantized"], chain["adapter"], ExportConfig(device="gpu"), tmp_path)
     genai = json.loads((onnx_model.model_dir / "genai_config.json").read_text())
     providers = json.dumps(genai["model"]["decoder"]["session_options"]["provider_options"])
     assert "cuda" in providers
@@ -186,7 +186,7 @@ def test_other_quantizers_run_offline(algorithm, chain, tmp_path, monkeypatch):
     from oliveflow.config import QuantizeConfig
     from oliveflow.stages.quantize import quantize
 
-    result = quantize(chain["base"], QuantizeConfig(algorithm=algorithm, calibration_samples=8), tmp_path,
+    result = quantize(chain["base"], QuantizeConfig(algorithm=algorithm, calibration_blocks=8), tmp_path,
                       data=chain["data"])
     config = json.loads((result.model_dir / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "olive"
@@ -360,7 +360,7 @@ def test_the_gpu_export_is_a_cuda_int4_graph_with_the_same_codes_and_a_float_ada
 
     from oliveflow.errors import StageError
 
-    gpu = export_onnx(chain["quantized"], chain["adapter"], ExportConfig(device="gpu"), tmp_path)
+    gpu = export(chain["quantized"], chain["adapter"], ExportConfig(device="gpu"), tmp_path)
     assert gpu.device == "gpu" and gpu.adapter_file.is_file()
     genai = json.loads((gpu.model_dir / "genai_config.json").read_text())
     providers = [name for option in genai["model"]["decoder"]["session_options"]["provider_options"]

@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -15,10 +14,20 @@ import pandas as pd
 import pytest
 
 from oliveflow.config import REPO_ROOT
-from oliveflow.tracking import (
-    CorruptStoreError, Lineage, TrackingError, artifact_root, current_lineage, default_tracking_uri, experiment_name,
-    flatten_params, prepare_store, size_latency_png, track_run, tracking_uri,
+from oliveflow.lineage import (
+    Lineage,
+    current_lineage,
+    default_tracking_uri,
+    tracking_uri,
 )
+from oliveflow.mlflow_store import (
+    CorruptStoreError,
+    TrackingError,
+    artifact_root,
+    prepare_store,
+)
+from oliveflow.run_payloads import experiment_name, flatten_params, size_latency_png
+from oliveflow.tracking import track_run
 
 
 def _client(uri: str):
@@ -51,12 +60,15 @@ def test_lineage_reads_git_and_the_prefect_runtime(monkeypatch, tmp_path, chain)
     assert outside.flow_run_id is None and outside.data_sha256 == chain["data"].train_sha256
     assert outside.base_model_sha256 == chain["base"].artifact.sha256
     assert current_lineage(repo=tmp_path).git_commit is None, "not a git checkout"
-    # prefect.runtime takes these overrides; inside a flow run it reads the run context instead.
+    # prefect.runtime takes these overrides; inside a flow run it reads the run context instead. The flow passes
+    # them in (tasks.publish.run_context): oliveflow/ itself never imports Prefect.
+    from tasks.publish import run_context
+
     monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__ID", "run-123")
     monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__UI_URL", "http://prefect:4200/runs/flow-run/run-123")
     monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__FLOW_NAME", "oliveflow-pipeline")
     monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__NAME", "nightly")
-    inside = current_lineage()
+    inside = current_lineage(run=run_context())
     assert (inside.flow_run_id, inside.flow_run_url) == ("run-123", "http://prefect:4200/runs/flow-run/run-123")
     assert experiment_name(inside) == "nightly"
     assert experiment_name(Lineage(flow_name="oliveflow-pipeline")) == "oliveflow-pipeline"
@@ -76,7 +88,7 @@ def test_run_has_params_metrics_and_lineage_tags(tracked, mlflow_uri, pipeline_r
     assert metrics["latency.ttft_ms.adapter"] == pytest.approx(smoke.ttft_seconds * 1000)
     assert metrics["latency.ttft_ms.base"] == pytest.approx(smoke.ttft_seconds_base * 1000)
     assert metrics["latency.decode_tokens_per_second.base"] == pytest.approx(smoke.decode_tokens_per_second_base)
-    assert {"latency.token_p50_ms.adapter", "latency.token_p90_ms.adapter", "smoke.passed"} <= set(metrics)
+    assert {"latency.token_p50_ms.adapter", "latency.token_p90_ms.adapter", "smoke.answered"} <= set(metrics)
     adapter = pipeline_result.adapter
     assert metrics["eval_loss_finetuned"] == pytest.approx(adapter.eval_loss_finetuned)
     assert metrics["eval_loss_original"] == pytest.approx(adapter.eval_loss_original)
@@ -123,7 +135,7 @@ def test_the_chart_is_drawn_once_per_content(monkeypatch, tmp_path, pipeline_res
     monkeypatch.setenv("OLIVEFLOW_HOME", str(tmp_path))
     first = size_latency_png(pipeline_result)
     assert first.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and first.is_relative_to(tmp_path / "charts")
-    monkeypatch.setattr("oliveflow.tracking.size_latency_chart", lambda result: pytest.fail("drawn again"))
+    monkeypatch.setattr("oliveflow.run_payloads.size_latency_chart", lambda result: pytest.fail("drawn again"))
     assert size_latency_png(pipeline_result) == first
     slower = pipeline_result.smoke.model_copy(update={"ttft_seconds": pipeline_result.smoke.ttft_seconds * 2})
     with pytest.raises(pytest.fail.Exception, match="drawn again"):  # other numbers: another chart
@@ -154,8 +166,9 @@ def test_default_store_tracks_and_registers_without_touching_the_working_folder(
         monkeypatch, tmp_path, empty_mlflow_db, pipeline_result, lineage, run_params):
     import mlflow
 
-    from oliveflow.registry import RegistryConfig, make_registry, register_model
-    from oliveflow.tracking import using_tracking_uri
+    from oliveflow.config import RegistryConfig
+    from oliveflow.mlflow_store import using_tracking_uri
+    from oliveflow.registry import make_registry, register_model
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("OLIVEFLOW_HOME", str(tmp_path / "home"))
@@ -181,21 +194,23 @@ def test_a_tracking_server_that_is_down_fails_in_one_line(monkeypatch, pipeline_
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
-    started = time.monotonic()
     with pytest.raises(TrackingError) as failure:
         track_run(pipeline_result, run_params, lineage, "down")
     message = str(failure.value)
     assert "\n" not in message and f"127.0.0.1:{port}" in message and "did not answer after 3 tries" in message
-    assert time.monotonic() - started < 20
 
 
 class _HealthyButBroken(BaseHTTPRequestHandler):
     """Answers /health but fails every API call, like a server whose database went away."""
 
+    api_calls = 0
+
     def log_message(self, *args):
         pass
 
     def do_GET(self):
+        if not self.path.startswith("/health"):
+            type(self).api_calls += 1
         self.send_response(200 if self.path.startswith("/health") else 503)
         self.end_headers()
         self.wfile.write(b"OK")
@@ -208,15 +223,15 @@ def test_a_server_failing_mid_run_fails_clearly_after_few_retries(monkeypatch, p
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{server.server_address[1]}")
-        started = time.monotonic()
+        _HealthyButBroken.api_calls = 0
         with pytest.raises(TrackingError) as failure:
             track_run(pipeline_result, run_params, lineage, "broken")
-        elapsed = time.monotonic() - started
     finally:
         server.shutdown()
         server.server_close()
     assert "\n" not in str(failure.value) and "logging to http://127.0.0.1" in str(failure.value)
-    assert elapsed < 30, f"MLflow's default retries (7, 120 s timeout) were not capped: {elapsed:.0f} s"
+    # MLflow retries a call 7 times by default; capped (HTTP_LIMITS: 2 retries) the failing call is made 3 times.
+    assert 1 <= _HealthyButBroken.api_calls <= 4, f"{_HealthyButBroken.api_calls} API calls: retries not capped"
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ, "the cap is scoped to the call"
 
 

@@ -1,0 +1,162 @@
+"""What one tracked pipeline run logs, built from the stage results alone: no MLflow import, no I/O but the chart.
+
+``oliveflow.tracking`` writes these to MLflow; the registry's tags reuse the lineage and the same names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from oliveflow.config import oliveflow_home, template_fields
+from oliveflow.hashing import config_sha256, library_versions
+from oliveflow.lineage import CONTENT_TAG, Lineage
+from oliveflow.results import PipelineResult
+from oliveflow.sft import split_template
+
+DEFAULT_EXPERIMENT = "oliveflow-pipeline"
+CHART_FILE = "charts/size_latency.png"
+SAMPLES_FILE = "samples.json"
+_PARAM_LIMIT = 6000  # characters MLflow keeps per parameter value
+
+
+def experiment_name(lineage: Lineage, default: str = DEFAULT_EXPERIMENT) -> str:
+    """One experiment per deployment, else per flow."""
+    return lineage.deployment_name or lineage.flow_name or default
+
+
+def flatten_params(params: BaseModel) -> dict[str, str]:
+    """Dotted parameter names -> text. ``mode="json"`` renders any SecretStr as '**********'."""
+    out: dict[str, str] = {}
+
+    def walk(value: Any, prefix: str) -> None:
+        if isinstance(value, dict) and value:
+            for key, item in value.items():
+                walk(item, f"{prefix}.{key}" if prefix else str(key))
+        else:
+            text = value if isinstance(value, str) else json.dumps(value)
+            out[prefix] = text[:_PARAM_LIMIT]
+
+    walk(params.model_dump(mode="json"), "")
+    return out
+
+
+def run_metrics(result: PipelineResult) -> dict[str, float]:
+    """Scalar metrics of a run (train loss per step is logged separately, with steps)."""
+    smoke, adapter, quantized = result.smoke, result.adapter, result.quantized
+    metrics: dict[str, float | None] = {
+        "size.original_bytes": smoke.size_before_bytes,
+        "size.onnx_bytes": smoke.size_after_bytes,
+        "size.reduction": result.size_reduction,
+        "size.quantized_checkpoint_bytes": quantized.size_after_bytes,
+        "latency.load_seconds": smoke.load_seconds,
+        "latency.ttft_ms.adapter": smoke.ttft_seconds * 1000,
+        "latency.ttft_ms.base": smoke.ttft_seconds_base * 1000,
+        "latency.decode_tokens_per_second.adapter": smoke.decode_tokens_per_second,
+        "latency.decode_tokens_per_second.base": smoke.decode_tokens_per_second_base,
+        "latency.token_p50_ms.adapter": smoke.token_latency_p50_ms,
+        "latency.token_p90_ms.adapter": smoke.token_latency_p90_ms,
+        "latency.token_p50_ms.base": smoke.token_latency_p50_ms_base,
+        "latency.token_p90_ms.base": smoke.token_latency_p90_ms_base,
+        "smoke.answered": float(smoke.answered),
+        "eval_loss_original": adapter.eval_loss_original,
+        "eval_loss_quantized": adapter.eval_loss_quantized,
+        "eval_loss_finetuned": adapter.eval_loss_finetuned,
+        "response_ppl_original": adapter.response_ppl_original,
+        "response_ppl_quantized": adapter.response_ppl_quantized,
+        "response_ppl_finetuned": adapter.response_ppl_finetuned,
+        "rouge_l_base": smoke.rouge_l_base,
+        "rouge_l_finetuned": smoke.rouge_l_finetuned,
+        "finetune.truncated_examples": adapter.truncated_examples,
+    }
+    for name, run in result.stages.items():
+        metrics[f"stage.{name}.seconds"] = run.seconds
+        metrics[f"stage.{name}.cache_hit"] = float(run.cache == "hit")
+        metrics[f"stage.{name}.output_bytes"] = run.output_bytes
+    return {k: float(v) for k, v in metrics.items() if v is not None}
+
+
+def run_tags(result: PipelineResult, lineage: Lineage) -> dict[str, str]:
+    tags = {**lineage.tags(), CONTENT_TAG: result.onnx.artifact.sha256,
+            "smoke_answered": str(result.smoke.answered).lower()}
+    tags.update({f"stage.{name}.cache": run.cache for name, run in result.stages.items()})
+    if lineage.git_commit:
+        tags["mlflow.source.git.commit"] = lineage.git_commit  # shown by the MLflow UI
+    return tags
+
+
+def olive_configs(result: PipelineResult) -> dict[str, Path]:
+    """The Olive config each stage generated and saved beside its output."""
+    stages = {"quantize": result.quantized.artifact.path, "finetune": result.adapter.artifact.path,
+              "export": result.onnx.artifact.path}
+    return {name: folder / "olive_config.json" for name, folder in stages.items()
+            if (folder / "olive_config.json").is_file()}
+
+
+def size_latency_chart(result: PipelineResult):
+    """Size (original vs int4 ONNX) and latency (no adapter vs adapter) side by side.
+
+    A bare ``Figure`` renders with Agg and never touches pyplot's global backend.
+    """
+    from matplotlib.figure import Figure
+
+    smoke, adapter = result.smoke, result.adapter
+    charts = [
+        ("Model size (MB)", ["original", "int4 ONNX"],
+         [smoke.size_before_bytes / 1e6, smoke.size_after_bytes / 1e6]),
+        ("Time to first token (ms)", ["no adapter", "adapter"],
+         [smoke.ttft_seconds_base * 1000, smoke.ttft_seconds * 1000]),
+        ("Decode (tokens/s)", ["no adapter", "adapter"],
+         [smoke.decode_tokens_per_second_base, smoke.decode_tokens_per_second]),
+    ]
+    ppl = [adapter.response_ppl_original, adapter.response_ppl_quantized, adapter.response_ppl_finetuned]
+    if all(v is not None for v in ppl):
+        charts.insert(1, ("Held-out response perplexity", ["original", "int4", "int4 + LoRA"], ppl))
+    fig = Figure(figsize=(3.7 * len(charts), 3.6), layout="constrained")
+    panels = fig.subplots(1, len(charts))
+    for ax, (title, labels, values) in zip(panels, charts, strict=True):
+        bars = ax.bar(labels, values, color=["#9aa5b1", "#c0c8d0", "#2f7ed8"][-len(values):])
+        ax.bar_label(bars, fmt="%.3g")
+        ax.margins(y=0.12)  # room for the labels above the bars
+        ax.set_title(title)
+    fig.suptitle(f"{result.base_model.spec}: {result.size_reduction:.2f}x smaller")
+    return fig
+
+
+def size_latency_png(result: PipelineResult) -> Path:
+    """``size_latency_chart`` as a PNG, drawn once per content (``$OLIVEFLOW_HOME/charts``): a cache-hit re-run
+    charts the same numbers, and drawing them costs ~1 s."""
+    key = config_sha256(result.base_model.spec, result.size_reduction, result.smoke, result.adapter,
+                        library_versions(("matplotlib",)))
+    path = oliveflow_home() / "charts" / key[:16] / Path(CHART_FILE).name
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Drawn beside it, then renamed in: two runs drawing it at once each put a whole file there.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
+        os.close(fd)
+        try:
+            size_latency_chart(result).savefig(tmp)
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def samples_table(result: PipelineResult) -> dict[str, list[str]]:
+    return {"prompt": [s.prompt for s in result.samples],
+            "reference": [s.reference for s in result.samples],
+            "base_answer": [s.base_answer for s in result.samples],
+            "finetuned_answer": [s.finetuned_answer for s in result.samples]}
+
+
+def prompt_template(template: str) -> tuple[str, str] | None:
+    """(prompt part of the data template, its one field) for the pyfunc, when there is exactly one."""
+    fields = template_fields(template)
+    if len(fields) != 2:
+        return None
+    return split_template(template)[0], fields[0]
