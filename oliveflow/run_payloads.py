@@ -18,6 +18,7 @@ from oliveflow.hashing import config_sha256, library_versions
 from oliveflow.lineage import CONTENT_TAG, Lineage
 from oliveflow.results import PipelineResult
 from oliveflow.sft import split_template
+from oliveflow.olive_runner import CONFIG_FILE
 
 DEFAULT_EXPERIMENT = "oliveflow-pipeline"
 CHART_FILE = "charts/size_latency.png"
@@ -94,8 +95,8 @@ def olive_configs(result: PipelineResult) -> dict[str, Path]:
     """The Olive config each stage generated and saved beside its output."""
     stages = {"quantize": result.quantized.artifact.path, "finetune": result.adapter.artifact.path,
               "export": result.onnx.artifact.path}
-    return {name: folder / "olive_config.json" for name, folder in stages.items()
-            if (folder / "olive_config.json").is_file()}
+    return {name: folder / CONFIG_FILE for name, folder in stages.items()
+            if (folder / CONFIG_FILE).is_file()}
 
 
 def size_latency_chart(result: PipelineResult):

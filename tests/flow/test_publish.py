@@ -7,6 +7,7 @@ from flows.pipeline import pipeline
 from oliveflow.config import FinetuneConfig, PipelineParams, QuantizeConfig, SmokeTestConfig
 from oliveflow.store import ArtifactStore
 from oliveflow.mlflow_store import TrackingError
+from oliveflow.lineage import CONTENT_TAG
 
 FAST = dict(quantize=QuantizeConfig(algorithm="rtn"), finetune=FinetuneConfig(max_steps=5),
             smoke_test=SmokeTestConfig(num_samples=1, max_new_tokens=8))
@@ -24,7 +25,7 @@ def test_each_run_is_tracked_and_registration_is_idempotent():
     client = mlflow.MlflowClient(tracking_uri())
     run = client.get_run(first.mlflow_run_id)
     assert run.data.params["finetune.max_steps"] == "5"
-    assert run.data.tags["content_sha256"] == first.onnx.artifact.sha256
+    assert run.data.tags[CONTENT_TAG] == first.onnx.artifact.sha256
     assert run.data.tags["flow_run_id"]
     assert {"size.reduction", "latency.ttft_ms.adapter", "eval_loss_finetuned", "response_ppl_finetuned",
             "rouge_l_finetuned"} <= set(run.data.metrics)

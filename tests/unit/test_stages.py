@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from oliveflow.config import ExportConfig, SmokeTestConfig
 from oliveflow.stages.export import export
 from oliveflow.stages.smoke_test import smoke_test
+from oliveflow.olive_runner import CONFIG_FILE
 
 
 def test_quantize_writes_an_olive_quantized_checkpoint(chain):
@@ -19,7 +20,7 @@ def test_quantize_writes_an_olive_quantized_checkpoint(chain):
     config = json.loads((quantized.model_dir / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "olive"
     assert config["quantization_config"]["group_size"] == 32
-    assert (quantized.artifact.path / "olive_config.json").is_file(), "the Olive config is saved beside the output"
+    assert (quantized.artifact.path / CONFIG_FILE).is_file(), "the Olive config is saved beside the output"
     assert not (quantized.artifact.path / ".olive-work").exists(), "Olive's copies are removed"
     assert quantized.size_after_bytes < quantized.size_before_bytes
 
@@ -33,7 +34,7 @@ def test_finetune_trains_on_the_quantized_model(chain):
     assert all(math.isfinite(x) for x in (adapter.eval_loss_original, adapter.eval_loss_quantized,
                                           adapter.eval_loss_finetuned))
     assert adapter.eval_loss_finetuned < adapter.eval_loss_quantized
-    saved = json.loads((adapter.artifact.path / "olive_config.json").read_text())
+    saved = json.loads((adapter.artifact.path / CONFIG_FILE).read_text())
     assert saved["passes"]["finetune"]["type"] == "QuantLoRA"
 
 
@@ -190,7 +191,7 @@ def test_other_quantizers_run_offline(algorithm, chain, tmp_path, monkeypatch):
                       data=chain["data"])
     config = json.loads((result.model_dir / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "olive"
-    saved = json.loads((result.artifact.path / "olive_config.json").read_text())
+    saved = json.loads((result.artifact.path / CONFIG_FILE).read_text())
     assert saved["passes"]["quantize"]["type"].lower() == algorithm
 
 

@@ -2,6 +2,7 @@ import pytest
 
 from oliveflow.hashing import config_sha256, tree_sha256
 from oliveflow.store import MANIFEST, ArtifactStore
+from oliveflow.store import RESULT_FILE
 
 
 def test_write_is_atomic_and_verified(tmp_path):
@@ -59,7 +60,7 @@ def _write(store: ArtifactStore, key: str, files: dict[str, bytes]) -> None:
             (tmp / name).write_bytes(data)
 
 
-FILES = {"model/model.onnx": b"graph" * 1000, "model/genai_config.json": b"{}", "oliveflow-result.json": b"{}"}
+FILES = {"model/model.onnx": b"graph" * 1000, "model/genai_config.json": b"{}", RESULT_FILE: b"{}"}
 
 
 def test_url_store_serves_one_hosts_artifact_to_another(tmp_path):

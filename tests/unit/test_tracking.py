@@ -28,6 +28,7 @@ from oliveflow.mlflow_store import (
 )
 from oliveflow.run_payloads import experiment_name, flatten_params, size_latency_png
 from oliveflow.tracking import track_run
+from oliveflow.lineage import CONTENT_TAG
 
 
 def _client(uri: str):
@@ -97,7 +98,7 @@ def test_run_has_params_metrics_and_lineage_tags(tracked, mlflow_uri, pipeline_r
     assert tags["data_sha256"] == lineage.data_sha256 and tags["base_model_sha256"] == lineage.base_model_sha256
     assert tags["base_model"] == pipeline_result.base_model.spec
     assert tags["flow_run_id"] == "0f1e2d3c-run" and tags["flow_run_url"].endswith("/runs/flow-run/0f1e2d3c-run")
-    assert tags["content_sha256"] == pipeline_result.onnx.artifact.sha256
+    assert tags[CONTENT_TAG] == pipeline_result.onnx.artifact.sha256
     if lineage.git_commit:
         assert tags["git_commit"] == tags["mlflow.source.git.commit"] == lineage.git_commit
 
