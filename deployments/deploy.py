@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from pydantic import ValidationError
 
 from oliveflow.errors import InputError
 from oliveflow.overrides import add_params, one_line
+from oliveflow.settings import Settings, current, load
 
 FLOW_NAME = "oliveflow-pipeline"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -160,14 +160,15 @@ def result_block(url: str) -> str:
     return f"{kind}/{RESULT_BLOCK_NAME}"
 
 
-def save_result_storage(url: str) -> str:
+def save_result_storage(url: str, settings: Settings | None = None) -> str:
     """Create or update the result-storage block for ``url``; return its slug.
 
     ``az://container[/folder]``: a prefect-azure block (the container is created when missing). Credentials:
     ``$AZURE_STORAGE_CONNECTION_STRING`` when set (kept in the block as a secret), else the account
     ``$AZURE_STORAGE_ACCOUNT_NAME`` with DefaultAzureCredential on each worker (no secret stored). Any other
     fsspec URL (s3://, gs://, a shared mount's file://...): Prefect's RemoteFileSystem block, whose credentials
-    come from each worker's environment as its fsspec package reads them.
+    come from each worker's environment as its fsspec package reads them. ``settings``: the current ones by
+    default.
     """
     protocol, sep, path = url.partition("://")
     if not sep or not path.strip("/"):
@@ -183,8 +184,9 @@ def save_result_storage(url: str) -> str:
     from prefect_azure import AzureBlobStorageContainer, AzureBlobStorageCredentials
 
     container, _, folder = path.partition("/")
-    connection = os.environ.get("AZURE_STORAGE_CONNECTION_STRING")
-    account = os.environ.get("AZURE_STORAGE_ACCOUNT_NAME")
+    settings = settings or current()
+    secret, account = settings.azure_storage_connection_string, settings.azure_storage_account_name
+    connection = secret.get_secret_value() if secret else None
     if connection:
         credentials = AzureBlobStorageCredentials(connection_string=connection)
         service = BlobServiceClient.from_connection_string(connection)
@@ -203,7 +205,7 @@ def save_result_storage(url: str) -> str:
     return result_block(url)
 
 
-def apply(site: Site) -> dict[str, str]:
+def apply(site: Site, settings: Settings | None = None) -> dict[str, str]:
     """Create or update the pools, the GPU limits and the deployments; return {deployment name: id}."""
     from prefect import Flow
     from prefect.client.orchestration import get_client
@@ -215,7 +217,7 @@ def apply(site: Site) -> dict[str, str]:
     from prefect.workers.process import ProcessWorker
 
     if site.result_storage:
-        save_result_storage(site.result_storage)
+        save_result_storage(site.result_storage, settings)
     template = ProcessWorker.get_default_base_job_template()
     with get_client(sync_client=True) as client:
         for name, description in pools(site).items():
@@ -306,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
                           "deployments": [asdict(s) for s in specs(site)], "workers": worker_commands(site)},
                          indent=1))
         return 0
+    try:
+        settings = load()  # the environment, read once here (the dry run needs none of it)
+    except InputError as exc:
+        print(f"deploy: error: {exc}", file=sys.stderr)
+        return 2
     from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():
@@ -315,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     import httpx
 
     try:
-        ids = apply(site)
+        ids = apply(site, settings)
     except httpx.TransportError as exc:
         print(f"deploy: cannot reach the Prefect server at {PREFECT_API_URL.value()} ({type(exc).__name__}: {exc}); "
               "start it (prefect server start) or fix PREFECT_API_URL", file=sys.stderr)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 from uuid import UUID
 
 from prefect import flow, get_client, get_run_logger
@@ -18,26 +17,28 @@ from prefect.runtime import deployment
 
 from flows.server import STARTUP_FAILURE, TemporaryServer, start_server, stop_server, wait_healthy
 from oliveflow.config import PipelineParams, check_registry_settings, overlay
-from oliveflow.errors import ServiceError
+from oliveflow.errors import InputError, ServiceError
 from oliveflow.lineage import current_lineage
 from oliveflow.mlflow_store import preload_mlflow
 from oliveflow.output import check_output_dir, publish
 from oliveflow.report import markdown
 from oliveflow.results import PipelineResult
+from oliveflow.settings import Settings, current, load, use
 from oliveflow.stages.table import STAGES, initial_values
 from oliveflow.store import ArtifactStore
+from tasks.locking import lock_manager
 from tasks.publish import register_task, run_context, track_task
 from tasks.stages import resolve_model_task, resolve_template_task, run_stage, validate_data_task
 
 
-def gpu_slot() -> contextlib.AbstractContextManager:
-    """Hold the global concurrency limit named by ``$OLIVEFLOW_GPU_LIMIT`` (one limit of 1 per GPU).
+def gpu_slot(name: str | None) -> contextlib.AbstractContextManager:
+    """Hold the global concurrency limit ``name`` (``$OLIVEFLOW_GPU_LIMIT``, settings.gpu_limit: one limit of 1 per
+    GPU).
 
     Deployments on the GPU pool (deployments/deploy.py) set it next to ``CUDA_VISIBLE_DEVICES``, so runs on
     one GPU queue up, however many workers there are. Unset (local runs): nothing to hold. ``strict``: a
     name with no limit on the server fails the run instead of silently not serializing.
     """
-    name = os.environ.get("OLIVEFLOW_GPU_LIMIT", "").strip()
     return concurrency(name, occupy=1, strict=True) if name else contextlib.nullcontext()
 
 
@@ -56,10 +57,17 @@ def deployment_params() -> dict:
 @flow(name="oliveflow-pipeline")
 def pipeline(params: PipelineParams = PipelineParams()) -> PipelineResult:
     """Base checkpoint + JSONL examples -> quantized, LoRA-tuned int4 ONNX model for onnxruntime-genai."""
+    # A run's entry point: the settings the caller installed (oliveflow run), else the environment read now (a
+    # deployment's run); the whole run then sees these.
+    with use(current()) as settings:
+        return _pipeline(params, settings)
+
+
+def _pipeline(params: PipelineParams, settings: Settings) -> PipelineResult:
     params = overlay(deployment_params(), params)  # a run's changes over its deployment's defaults
     check_output_dir(params.output_dir)
     check_registry_settings(params.registry)  # missing Azure workspace settings fail here, before heavy stages
-    store = ArtifactStore(params.store_location())
+    store, locks = ArtifactStore(params.store_location(settings)), lock_manager(settings)
     progress = create_progress_artifact(0.0, description="oliveflow pipeline: stages done (%)")
     data = validate_data_task(params.data)
     base = resolve_model_task(params.model, params.quantize)
@@ -69,9 +77,9 @@ def pipeline(params: PipelineParams = PipelineParams()) -> PipelineResult:
     # Quantize and finetune hold the GPU together; ModelBuilder runs on the CPU: the GPU is held again only when
     # the model is built and tried for CUDA.
     for holds_gpu, group in itertools.groupby(STAGES, key=lambda stage: stage.holds_gpu):
-        with gpu_slot() if holds_gpu or params.export.device == "gpu" else contextlib.nullcontext():
+        with gpu_slot(settings.gpu_limit) if holds_gpu or params.export.device == "gpu" else contextlib.nullcontext():
             for stage in group:
-                values[stage.output], stage_run = run_stage(stage, store, values)
+                values[stage.output], stage_run = run_stage(stage, store, locks, values)
                 runs.append(stage_run)
                 update_progress_artifact(progress, 100.0 * len(runs) / len(STAGES))
 
@@ -111,7 +119,7 @@ def run_local(params: PipelineParams | None = None, server: TemporaryServer | No
     )
 
     params = params or PipelineParams()
-    user_set = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in os.environ or PREFECT_API_URL.value()
+    user_set = current().prefect_startup_timeout is not None or PREFECT_API_URL.value()
     budget = {} if user_set else {PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: STARTUP_BUDGET_SECONDS}
     with temporary_settings(updates=budget):
         seconds = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
@@ -158,6 +166,7 @@ def _drain_to_server() -> None:
 
 if __name__ == "__main__":
     try:
-        print(markdown(run_local()))
-    except ServiceError as error:
+        with use(load()):
+            print(markdown(run_local()))
+    except (InputError, ServiceError) as error:
         raise SystemExit(f"pipeline: error: {error}") from None

@@ -20,6 +20,7 @@ from oliveflow.config import PipelineParams, check_registry_settings
 from oliveflow.errors import InputError, ServiceError, StageError
 from oliveflow.overrides import add_params, set_dotted, validate_params
 from oliveflow.overrides import one_line as _one_line, single_line as _single_line
+from oliveflow.settings import current, load, use
 from oliveflow.stages.table import BY_NAME, BY_OUTPUT, initial_values
 
 STAGES = ("validate_data", *BY_NAME)  # validate_data: the check every stage starts with, shown alone
@@ -63,7 +64,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Prefect's temporary server takes seconds to answer: it starts now and comes up while this process imports
     # Prefect and checks the inputs. A PREFECT_API_URL set in a profile is only known once Prefect is imported:
     # run_local then stops this one and uses that.
-    server = None if os.environ.get("PREFECT_API_URL") else start_server()
+    server = None if current().prefect_api_url else start_server()
     try:
         _preflight(params)
         from flows.pipeline import run_local
@@ -233,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     try:
-        return args.func(args)
+        with use(load()):  # the environment is read here, once; what the command calls gets it from current()
+            return args.func(args)
     except ValidationError as exc:
         print(f"oliveflow: error: {_single_line(_one_line(exc))}", file=sys.stderr)
     except (InputError, StageError, ServiceError) as exc:

@@ -7,7 +7,6 @@ the run form, and the CLI's ``--param key=value`` addresses them by dotted path.
 from __future__ import annotations
 
 import json
-import os
 import string
 from pathlib import Path, PurePath
 from typing import Annotated, Literal
@@ -17,6 +16,7 @@ from pydantic import (
 )
 
 from oliveflow.errors import InputError
+from oliveflow.settings import Settings, current
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_MODEL = "embedded:tiny-phi3"
@@ -26,8 +26,8 @@ DEFAULT_TEMPLATE = "<|user|>\n{prompt}<|end|>\n<|assistant|>\n{response}<|end|>"
 
 
 def oliveflow_home() -> Path:
-    """Root for the embedded model, the artifact store and Olive's cache (``$OLIVEFLOW_HOME``)."""
-    return Path(os.environ.get("OLIVEFLOW_HOME", Path.home() / ".cache" / "oliveflow")).expanduser()
+    """Root for the embedded model, the artifact store and Olive's cache (``$OLIVEFLOW_HOME``, see settings.py)."""
+    return current().home
 
 
 class _Config(BaseModel):
@@ -270,8 +270,8 @@ class AzureWorkspace(_Config):
                                                 "AzureUSGovernment); default AzureCloud.")
 
     def resolved(self, environ: dict[str, str] | None = None) -> AzureWorkspace:
-        """Fill the fields left empty from the environment variables."""
-        environ = os.environ if environ is None else environ
+        """Fill the fields left empty from the environment variables (``environ``: the settings' by default)."""
+        environ = current().azure_environ() if environ is None else environ
         values = {field: getattr(self, field) or environ.get(var) or None for field, var in WORKSPACE_ENV.items()}
         return self.model_copy(update=values)
 
@@ -294,8 +294,9 @@ class AzurePrincipal(_Config):
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> AzurePrincipal | None:
-        """AZURE_TENANT_ID, AZURE_CLIENT_ID, AZURE_CLIENT_SECRET (and AZURE_AUTHORITY_HOST); None if incomplete."""
-        environ = os.environ if environ is None else environ
+        """AZURE_TENANT_ID, AZURE_CLIENT_ID, AZURE_CLIENT_SECRET (and AZURE_AUTHORITY_HOST); None if incomplete.
+        ``environ``: the settings' by default."""
+        environ = current().azure_environ() if environ is None else environ
         secret = environ.get("AZURE_CLIENT_SECRET")
         principal = cls(tenant_id=environ.get("AZURE_TENANT_ID"), client_id=environ.get("AZURE_CLIENT_ID"),
                         client_secret=SecretStr(secret) if secret else None,
@@ -426,8 +427,9 @@ class PipelineParams(_Config):
             raise ValueError("export.device gpu needs quantize.bits 4 (int4 MatMulNBits)")
         return self
 
-    def store_location(self) -> str:
-        return self.artifact_store or os.environ.get("OLIVEFLOW_ARTIFACT_STORE") or str(oliveflow_home() / "artifacts")
+    def store_location(self, settings: Settings | None = None) -> str:
+        """``artifact_store``, else the settings' ($OLIVEFLOW_ARTIFACT_STORE, else $OLIVEFLOW_HOME/artifacts)."""
+        return self.artifact_store or (settings or current()).store_location()
 
 
 def _deep_merge(base: dict, changes: dict) -> dict:

@@ -33,10 +33,10 @@ from typing import Any, Literal
 from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict, computed_field
 
-from oliveflow.config import oliveflow_home
 from oliveflow.errors import InputError
 from oliveflow.lineage import CONTENT_TAG, public_uri
 from oliveflow.olive_runner import WORK_DIR
+from oliveflow.settings import Settings, current
 from oliveflow.store import MANIFEST, SCRATCH_PREFIXES, ArtifactStore, lock_is_held, scratch_dir, stale_scratch
 
 # Olive's work folder inside a stage's temp folder, and Olive's default cache (olive.common.constants
@@ -173,16 +173,18 @@ class PruneOutcome(_Frozen):
 
 def cache_report(store_location: str | Path, home: Path | None = None,
                  prefect_storage: Path | PrefectRecords | None = None, *,
-                 verify: bool = False, must_exist: bool = False) -> CacheReport:
+                 verify: bool = False, must_exist: bool = False, settings: Settings | None = None) -> CacheReport:
     """Survey the store at ``store_location`` and what surrounds it. It only reads, except that probing the lock of
     a scratch folder whose lock file is missing (``stale_scratch``) makes that file.
 
     ``home``: ``$OLIVEFLOW_HOME`` by default; ``prefect_storage``: where Prefect keeps cache records for local runs:
     a folder (all the records there are), or Prefect's settings (``PrefectRecords``); None: not known, so artifacts
     with no record are kept; ``verify`` hashes every artifact instead of checking its manifest and size;
-    ``must_exist``: a store folder that does not exist is an InputError rather than an empty store.
+    ``must_exist``: a store folder that does not exist is an InputError rather than an empty store; ``settings``:
+    the current ones by default (the lock folder, the tracking URI).
     """
-    home = Path(home or oliveflow_home()).expanduser().resolve()
+    settings = settings or current()
+    home = Path(home or settings.home).expanduser().resolve()
     store = ArtifactStore(store_location)  # an InputError for a URL whose protocol package is missing
     root, notes = store.root, []
     if root.exists() and not root.is_dir():
@@ -199,7 +201,7 @@ def cache_report(store_location: str | Path, home: Path | None = None,
 
     records_dir, records_complete, note = _records_location(prefect_storage)
     notes += [note] if note else []
-    registered, sources, registry_note = _registered(home)
+    registered, sources, registry_note = _registered(home, settings.mlflow_tracking_uri)
     notes += [registry_note] if registry_note else []
 
     scratch = [entry for parent in [root, *_stage_dirs(root)] for entry in _scratch(parent)]
@@ -209,10 +211,10 @@ def cache_report(store_location: str | Path, home: Path | None = None,
     artifacts = [a.model_copy(update={"kept_by": kept.get((a.stage, a.key), [])}) for a in slots.values()]
 
     locks_dir = None
-    if os.environ.get("OLIVEFLOW_LOCK_URL", "").strip():
+    if settings.lock_url:
         notes.append("cache-key locks are in Redis ($OLIVEFLOW_LOCK_URL): no lock files to examine")
     else:
-        locks_dir = Path(os.environ.get("OLIVEFLOW_LOCK_DIR") or home / "locks").expanduser().resolve()
+        locks_dir = Path(settings.lock_dir or home / "locks").expanduser().resolve()
     locks = [LockEntry(path=path, held=lock_is_held(path)) for path in _files(locks_dir) if path.suffix == ".lock"]
 
     inside_home = root == home or home in root.parents
@@ -240,11 +242,11 @@ def _records_location(prefect: Path | PrefectRecords | None) -> tuple[Path | Non
     return folder, True, None
 
 
-def _registered(home: Path) -> tuple[dict[str, str] | None, dict[str, str], str | None]:
+def _registered(home: Path, tracking_uri: str | None) -> tuple[dict[str, str] | None, dict[str, str], str | None]:
     """(content hash -> "name vN", source -> "name vN") of the MLflow registry's versions; None when not readable.
 
     Read from its SQLite file directly (read-only): no MLflow import, and no database is created where none is."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
+    uri = tracking_uri or f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
     if not uri.startswith("sqlite:///"):
         return None, {}, (f"the model registry at {public_uri(uri)} is not read here: every export artifact (and "
                           "what it was built from) is kept")

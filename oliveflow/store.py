@@ -34,6 +34,7 @@ from pydantic import BaseModel
 from oliveflow.errors import InputError, StageError, causes
 from oliveflow.hashing import file_sha256, tree_files, tree_sha256, tree_size
 from oliveflow.results import Artifact
+from oliveflow.settings import current
 
 MANIFEST = "oliveflow-manifest.json"
 RESULT_FILE = "oliveflow-result.json"
@@ -59,9 +60,7 @@ def url_filesystem(location: str, what: str):
 
 def host_copies(kind: str, location: str) -> Path:
     """This host's folder for copies of what lives at the URL ``location``: ``$OLIVEFLOW_HOME/<kind>/<url hash>``."""
-    from oliveflow.config import oliveflow_home
-
-    return oliveflow_home() / kind / hashlib.sha256(location.encode()).hexdigest()[:16]
+    return current().home / kind / hashlib.sha256(location.encode()).hexdigest()[:16]
 
 
 class ArtifactStore:

@@ -4,7 +4,6 @@ Both are safe against runs that die while holding a lock."""
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from filelock import FileLock, Timeout
 from prefect_redis.locking import RedisLockManager
 from redis.exceptions import LockError
 
-from oliveflow.config import oliveflow_home
+from oliveflow.settings import Settings, current
 from oliveflow.store import lock_is_held
 
 
@@ -126,10 +125,14 @@ class LeasedRedisLockManager(RedisLockManager):
                 return
 
 
-def lock_manager() -> HostLockManager | LeasedRedisLockManager:
-    """``$OLIVEFLOW_LOCK_URL`` (redis://...) for workers on several hosts, else file locks in
-    ``$OLIVEFLOW_LOCK_DIR`` (default ``$OLIVEFLOW_HOME/locks``), a folder every process on the host must share."""
-    url = os.environ.get("OLIVEFLOW_LOCK_URL", "").strip()
-    if url:
-        return LeasedRedisLockManager(url, float(os.environ.get("OLIVEFLOW_LOCK_LEASE_SECONDS", "60")))
-    return HostLockManager(Path(os.environ.get("OLIVEFLOW_LOCK_DIR") or oliveflow_home() / "locks"))
+LockManager = HostLockManager | LeasedRedisLockManager
+
+
+def lock_manager(settings: Settings | None = None) -> LockManager:
+    """``lock_url`` (``$OLIVEFLOW_LOCK_URL``, redis://...) for workers on several hosts, else file locks in
+    ``lock_dir`` (``$OLIVEFLOW_LOCK_DIR``, default ``$OLIVEFLOW_HOME/locks``), a folder every process on the host
+    must share. ``settings``: the current ones by default."""
+    settings = settings or current()
+    if settings.lock_url:
+        return LeasedRedisLockManager(settings.lock_url, settings.lock_lease_seconds)
+    return HostLockManager(settings.locks_folder())

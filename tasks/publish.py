@@ -50,7 +50,7 @@ def track_task(result: PipelineResult, params: BaseModel, lineage: Lineage, conf
 @task(name="register_model", cache_policy=NO_CACHE)
 def register_task(config: RegistryConfig, result: PipelineResult, tracked: TrackedRun | None,
                   lineage: Lineage) -> RegistrationOutcome:
-    # The entry point for this side effect: a service principal's secret is read from the environment here,
+    # A service principal's secret comes from the run's settings (the environment, read when the run started),
     # as a SecretStr, never a flow parameter.
     registry = make_registry(config, principal=AzurePrincipal.from_env())
     if registry is None:

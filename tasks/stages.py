@@ -30,7 +30,7 @@ from oliveflow.stages.data import resolve_template, validate_data
 from oliveflow.stages.model import resolve_model
 from oliveflow.stages.table import STAGES, Stage
 from oliveflow.store import RESULT_FILE, ArtifactStore, load_result
-from tasks.locking import lock_manager
+from tasks.locking import LockManager
 
 R = TypeVar("R", bound=BaseModel)
 log = logging.getLogger(__name__)
@@ -53,11 +53,16 @@ def _key_from_parameters(context, parameters: dict[str, Any]) -> str:
 
 # SERIALIZABLE: a run that needs a stage another process is computing under the same key waits for that
 # process's lock, then is served from its record instead of computing the stage a second time. File locks
-# serve one host; several hosts set $OLIVEFLOW_LOCK_URL to a Redis server (tasks/locking.py).
-CACHE_POLICY = CacheKeyFnPolicy(cache_key_fn=_key_from_parameters).configure(
-    isolation_level="SERIALIZABLE", lock_manager=lock_manager())
+# serve one host; several hosts set $OLIVEFLOW_LOCK_URL to a Redis server (tasks/locking.py). The lock manager
+# comes from the run's settings when the stage runs (``cache_policy``); the tasks are defined without one.
+CACHE_POLICY = CacheKeyFnPolicy(cache_key_fn=_key_from_parameters)
 CACHED = dict(cache_policy=CACHE_POLICY, persist_result=True, result_serializer="json",
               retries=1, retry_delay_seconds=5, retry_condition_fn=_transient)
+
+
+def cache_policy(locks: LockManager) -> CacheKeyFnPolicy:
+    """The stage tasks' cache policy, taking its key locks from ``locks`` (``tasks.locking.lock_manager``)."""
+    return CACHE_POLICY.configure(isolation_level="SERIALIZABLE", lock_manager=locks)
 
 
 def materialize(store: ArtifactStore, stage: str, key: str, result_type: type[R], build: Callable[[Path], R]) -> R:
@@ -102,15 +107,17 @@ STAGE_TASKS = {stage.name: _stage_task(stage) for stage in STAGES}
 
 # ---- wiring helpers for flows ----
 
-def run_stage(stage: Stage, store: ArtifactStore, values: dict[str, Any]) -> tuple[Any, StageRun]:
-    """Run ``stage`` on the run's ``values`` (see the stage table) through its cached task."""
+def run_stage(stage: Stage, store: ArtifactStore, locks: LockManager, values: dict[str, Any]) -> tuple[Any, StageRun]:
+    """Run ``stage`` on the run's ``values`` (see the stage table) through its cached task, under ``locks``."""
     arguments = stage.arguments(values)
-    return run_cached(STAGE_TASKS[stage.name], store, stage.name, stage.key(store.location, arguments),
+    return run_cached(STAGE_TASKS[stage.name], store, locks, stage.name, stage.key(store.location, arguments),
                       inputs=arguments)
 
 
-def run_cached(task_fn, store: ArtifactStore, stage: str, key: str, **kwargs: Any) -> tuple[Any, StageRun]:
-    """Call a cached stage task; recompute when the store has no intact artifact for ``key``.
+def run_cached(task_fn, store: ArtifactStore, locks: LockManager, stage: str, key: str,
+               **kwargs: Any) -> tuple[Any, StageRun]:
+    """Call a cached stage task, its cache key locked by ``locks``; recompute when the store has no intact artifact
+    for ``key``.
 
     Returns the result and how it was served: "hit" (Prefect record or intact store
     artifact, no computation) or "miss".
@@ -121,15 +128,15 @@ def run_cached(task_fn, store: ArtifactStore, stage: str, key: str, **kwargs: An
     if record == "unreadable":
         # Perhaps read while another process was writing it: that process holds the key's lock until the record
         # is whole. Read again under the lock; unreadable then is damage, not a race.
-        with _key_lock(key):
+        with _key_lock(locks, key):
             record = _record(task_fn, key)
     # Force a recompute when Prefect holds a record that cannot be read, or one whose artifact is gone or
     # altered (an intact artifact makes the "recompute" a read of it). With no record, the SERIALIZABLE
     # transaction decides: a run that waited for another process computing the same key gets that process's
     # record (state "Cached") instead of computing the stage again.
     refresh = record == "unreadable" or (record == "readable" and not intact)
-    state = task_fn.with_options(refresh_cache=refresh)(key=key, store_url=store.location, return_state=True,
-                                                        **kwargs)
+    state = task_fn.with_options(cache_policy=cache_policy(locks), refresh_cache=refresh)(
+        key=key, store_url=store.location, return_state=True, **kwargs)
     result = state.result()
     served = intact or state.name == "Cached"
     # A record written on another host points into that host's copy of the store: serve this host's copy
@@ -142,13 +149,13 @@ def run_cached(task_fn, store: ArtifactStore, stage: str, key: str, **kwargs: An
 
 
 @contextlib.contextmanager
-def _key_lock(key: str) -> Iterator[None]:
-    manager, holder = CACHE_POLICY.lock_manager, f"check-{uuid.uuid4()}"
-    manager.acquire_lock(key, holder=holder)
+def _key_lock(locks: LockManager, key: str) -> Iterator[None]:
+    holder = f"check-{uuid.uuid4()}"
+    locks.acquire_lock(key, holder=holder)
     try:
         yield
     finally:
-        manager.release_lock(key, holder=holder)
+        locks.release_lock(key, holder=holder)
 
 
 def _record(task_fn, key: str) -> str:
