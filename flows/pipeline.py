@@ -110,13 +110,8 @@ def run_local(params: PipelineParams | None = None, server: TemporaryServer | No
     the caller so that it came up while the caller imported, else started here) unless the user set
     PREFECT_API_URL, a start-up budget sized for a slow machine, one retry if the server still does not come up,
     then one line saying what to do. The servers are stopped before this returns."""
-    from prefect.settings import (
-        PREFECT_API_URL,
-        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
-        PREFECT_UI_URL,
-        get_current_settings,
-        temporary_settings,
-    )
+    from prefect.settings import (PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, PREFECT_UI_URL,
+                                  get_current_settings, temporary_settings)
 
     params = params or PipelineParams()
     user_set = current().prefect_startup_timeout is not None or PREFECT_API_URL.value()
