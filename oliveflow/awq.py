@@ -67,6 +67,7 @@ class AwqSettings:
     lm_head: bool = True  # also the final norm -> lm_head pair (Olive Rtn with lm_head=True)
     max_calibration_tokens: int = 4096
     calibration_seq_len: int = 512  # pack samples into rows of this many tokens (0: use them as given)
+    layer_bits: tuple[tuple[str, int], ...] = ()  # ("layers.3", 8), ("lm_head", 8): units kept at other bits
 
     def validate(self) -> None:
         if self.bits not in (2, 4, 8):
@@ -80,11 +81,13 @@ class AwqSettings:
         if self.search_tokens < 0 or self.max_calibration_tokens < 1 or self.calibration_seq_len < 0:
             raise InputError("awq: max_calibration_tokens must be >= 1, search_tokens and calibration_seq_len >= 0")
 
-    def quantizer(self) -> WeightQuantizer:
+    def quantizer(self, unit: str | None = None) -> WeightQuantizer:
+        """The grid of ``unit`` ("layers.3", "lm_head"): ``bits`` unless ``layer_bits`` says otherwise."""
         # Imported here: `olive` costs seconds to import and most callers of this module never search.
         from olive.common.quant.utils import WeightQuantizer
 
-        return WeightQuantizer(bits=self.bits, symmetric=self.symmetric, group_size=self.group_size)
+        bits = dict(self.layer_bits).get(unit, self.bits) if unit else self.bits
+        return WeightQuantizer(bits=bits, symmetric=self.symmetric, group_size=self.group_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -805,9 +808,9 @@ def _token_sample(inputs: Sequence[Tensor], limit: int) -> Tensor:
     return flat[::step][:limit]
 
 
-def _process(name: str, plan: _LayerPlan, captured: _Captured, quantizer: WeightQuantizer,
-             settings: AwqSettings) -> AwqLayerReport:
+def _process(name: str, plan: _LayerPlan, captured: _Captured, settings: AwqSettings) -> AwqLayerReport:
     """Search, fold and clip one layer's groups; the captured inputs follow each fold."""
+    quantizer = settings.quantizer(name)
     groups: list[AwqGroupReport] = []
     skipped = list(plan.skipped)
     for group in plan.groups:
@@ -854,7 +857,6 @@ def apply_awq(model: PreTrainedModel, calibration: Sequence[Tensor], settings: A
     _check_group_size(model, layers, settings)
     batches = _calibration_batches(calibration, settings.max_calibration_tokens, settings.calibration_seq_len,
                                    _model_device(model))
-    quantizer = settings.quantizer()
     head_plan = plan_head(model, final_norm) if settings.lm_head else None
     total = len(layers) + (1 if head_plan is not None else 0)
 
@@ -869,7 +871,7 @@ def apply_awq(model: PreTrainedModel, calibration: Sequence[Tensor], settings: A
             # The next layer reads the float outputs, computed before this layer is changed.
             hidden = captured.outputs
             calls[index] = []
-            reports.append(_process(f"layers.{index}", plan, captured, quantizer, settings))
+            reports.append(_process(f"layers.{index}", plan, captured, settings))
             del captured
             if progress is not None:
                 progress(index + 1, total)
@@ -880,7 +882,7 @@ def apply_awq(model: PreTrainedModel, calibration: Sequence[Tensor], settings: A
                 captured = _Captured(outputs=[], inputs={"head": [sample]}, attn_calls=[])
             else:
                 captured = _Captured(outputs=[], inputs={}, attn_calls=[])
-            reports.append(_process("lm_head", head_plan, captured, quantizer, settings))
+            reports.append(_process("lm_head", head_plan, captured, settings))
             if progress is not None:
                 progress(total, total)
     finally:

@@ -158,9 +158,10 @@ class DataConfig(_Config):
 
 
 class QuantizeConfig(_Config):
-    algorithm: Literal["awq", "rtn", "gptq"] = Field(
+    algorithm: Literal["awq", "rtn", "gptq", "awq+gptq"] = Field(
         "awq", description="Weight quantizer: awq (activation-aware scaling + clipping, calibrated on the training "
-                           "data), rtn (round to nearest), gptq (calibrated on the training data).")
+                           "data), rtn (round to nearest), gptq (calibrated on the training data), awq+gptq "
+                           "(awq's scaling, then gptq's rounding).")
     bits: Literal[4, 8] = Field(4, description="Bits per weight.")
     group_size: int = Field(32, description="Weights per quantization group; must divide the model's hidden and "
                                             "intermediate sizes. -1 means one group per output channel.")
@@ -168,6 +169,10 @@ class QuantizeConfig(_Config):
     calibration_blocks: int = Field(64, ge=1, description="512-token blocks of training text used to calibrate "
                                                           "awq and gptq.")
 
+    size_budget: float | None = Field(
+        1 / 3, gt=0, le=1, description="Largest shipped size, as a share of the 16-bit model. The layers (and head) "
+                                       "whose quantization costs the most response loss per byte, measured on the "
+                                       "training data, keep 8 bits within it. Empty: every layer at `bits`.")
     @field_validator("group_size")
     @classmethod
     def _group_size(cls, value: int) -> int:

@@ -6,7 +6,8 @@ but cannot attach a LoRA adapter to them. The passes below close both gaps (and 
 adapter is trained against exactly the int4 grid that ends up in the ONNX graph:
 
 - ``QuantLoRA``: Olive's LoRA pass with a PEFT custom-module mapping for ``QuantLinear``.
-- ``Awq``: Olive's Rtn pass preceded by this project's activation-aware scaling (``oliveflow.awq``).
+- ``Awq``: Olive's Rtn pass preceded by this project's activation-aware scaling (``oliveflow.awq``);
+  ``AwqGptq``: the same scaling, then Olive's Gptq pass.
 - ``QuantModelBuilder``: Olive's ModelBuilder pass; when the input is Olive-quantized and
   carries an adapter, it hangs the adapter's LoRA weights on ModelBuilder's quantized
   modules instead of calling ``PeftModel.from_pretrained`` on an object that is no
@@ -36,6 +37,7 @@ from olive.common.quant.nn import QuantLinear
 from olive.package_config import OlivePackageConfig
 from olive.passes.onnx.model_builder import ModelBuilder
 from olive.passes.pytorch.lora import LoRA
+from olive.passes.pytorch.gptq import Gptq
 from olive.passes.pytorch.rtn import Rtn
 from peft.tuners.lora.layer import LoraLayer
 from transformers import TrainerCallback
@@ -362,11 +364,12 @@ class QuantModelBuilder(ModelBuilder):
             return super()._run_for_config(model, config, output_model_path)
 
 
-class Awq(Rtn):
-    """Activation-aware int4: ``oliveflow.awq`` scales (and clips) the float weights, then Olive's RTN packs them.
+class _AwqFirst:
+    """Load the base through ``oliveflow.awq`` (scaling, and clipping where ``clip``), then let the parent pass
+    (Rtn or Gptq) quantize the scaled float weights.
 
-    The scaled model never touches the disk: it is handed to the RTN code in memory, so the
-    chain keeps one float copy of the model (the base) instead of two.
+    The scaled model never touches the disk: it is handed to the parent's code in memory, so the chain
+    keeps one float copy of the model (the base) instead of two.
     """
 
     @classmethod
@@ -384,7 +387,8 @@ class Awq(Rtn):
                                            description="Calibration data (the project's own examples)."),
             "grid": PassConfigParam(type_=int, default_value=AwqSettings.grid,
                                     description="Scale exponents tried per group."),
-            "clip": PassConfigParam(type_=bool, default_value=True, description="Search weight clipping too."),
+            "clip": PassConfigParam(type_=bool, default_value=cls.clip_default,
+                                    description="Search weight clipping too."),
             "max_calibration_tokens": PassConfigParam(type_=int, default_value=AwqSettings.max_calibration_tokens,
                                                       description="Calibration tokens used."),
         }
@@ -401,7 +405,8 @@ class Awq(Rtn):
                        for row in get_calibration_dataset(model, config.data_config)]
         settings = AwqSettings(bits=int(config.bits), group_size=config.group_size, symmetric=config.sym,
                                grid=config.grid, clip=config.clip, lm_head=config.lm_head,
-                               max_calibration_tokens=config.max_calibration_tokens)
+                               max_calibration_tokens=config.max_calibration_tokens,
+                               layer_bits=_layer_bits(config.overrides))
         original_load = quant_utils.load_hf_base_model
 
         def load_and_scale(handler, *args, **kwargs):
@@ -428,14 +433,40 @@ class Awq(Rtn):
             quant_utils.load_hf_base_model = original_load
 
 
+def _layer_bits(overrides: dict | None) -> tuple[tuple[str, int], ...]:
+    """Olive's per-module bit overrides as AWQ's per-unit ones: ``model.layers.3.mlp.up_proj`` -> ``layers.3``."""
+    units = {}
+    for module, override in (overrides or {}).items():
+        if "bits" not in (override or {}):
+            continue
+        parts = module.split(".")
+        unit = "lm_head" if parts[-1] == "lm_head" else next(
+            (f"layers.{parts[i + 1]}" for i, p in enumerate(parts[:-1]) if p == "layers"), None)
+        if unit is not None:
+            units[unit] = int(override["bits"])
+    return tuple(sorted(units.items()))
+
+
+class Awq(_AwqFirst, Rtn):
+    """Activation-aware int4: ``oliveflow.awq`` scales and clips the float weights, then Olive's RTN packs them."""
+
+    clip_default = True
+
+
+class AwqGptq(_AwqFirst, Gptq):
+    """AWQ's scaling, then GPTQ's error-compensating rounding (no clipping: GPTQ chooses the codes)."""
+
+    clip_default = False
+
+
 AWQ_REPORT = "awq_report.json"
-_PASSES = {"QuantLoRA": QuantLoRA, "QuantModelBuilder": QuantModelBuilder, "Awq": Awq}
+_PASSES = {"QuantLoRA": QuantLoRA, "QuantModelBuilder": QuantModelBuilder, "Awq": Awq, "AwqGptq": AwqGptq}
 
 
 def package_config() -> dict:
     """Olive's own pass table plus this module's passes, for ``olive.workflows.run(package_config=...)``."""
     package = json.loads(Path(OlivePackageConfig.get_default_config_path()).read_text())
     for name, cls in _PASSES.items():
-        parent = package["passes"][cls.__mro__[1].__name__]
+        parent = next(package["passes"][base.__name__] for base in cls.__mro__[1:] if base.__name__ in package["passes"])
         package["passes"][name] = {**parent, "module_path": f"{cls.__module__}.{name}"}
     return package

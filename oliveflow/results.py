@@ -55,12 +55,21 @@ class QuantizedModel(_Result):
     bits: int
     group_size: int
     size_before_bytes: int
-    size_after_bytes: int
+    size_after_bytes: int = Field(description="Bytes of the quantized weights as they ship (a tied embedding counted "
+                                              "once, as the head's codes).")
+    promoted: list[str] = Field(default_factory=list, description="Layers (and head) kept at 8 bits by the "
+                                                                  "mixed-precision plan.")
+    tied_embedding: bool = Field(False, description="The input embedding is the quantized head's grid.")
     seconds: float
 
     @property
     def model_dir(self) -> Path:
         return self.artifact.path / "model"
+
+    @property
+    def plan_file(self) -> Path:
+        """The mixed-precision plan (``oliveflow.precision.PrecisionPlan``), when one was made."""
+        return self.artifact.path / "precision_plan.json"
 
 
 class Adapter(_Result):

@@ -22,6 +22,9 @@ from oliveflow.olive_runner import CONFIG_FILE
 
 DEFAULT_EXPERIMENT = "oliveflow-pipeline"
 CHART_FILE = "charts/size_latency.png"
+TRADEOFF_CHART = "charts/size_vs_perplexity.png"
+TRADEOFF_FILE = "tradeoff.json"
+SENSITIVITY_FILE = "quantize_sensitivity.json"
 SAMPLES_FILE = "samples.json"
 _PARAM_LIMIT = 6000  # characters MLflow keeps per parameter value
 
@@ -161,3 +164,48 @@ def prompt_template(template: str) -> tuple[str, str] | None:
     if len(fields) != 2:
         return None
     return split_template(template)[0], fields[0]
+
+
+# The columns of the size / quality trade-off table: what distinguishes one quantization setting from another,
+# and what it cost. Each run logs its own row as params and metrics; the table gathers the experiment's runs.
+TRADEOFF_PARAMS = ("quantize.algorithm", "quantize.bits", "quantize.group_size", "quantize.symmetric",
+                   "quantize.size_budget")
+TRADEOFF_METRICS = ("size.onnx_bytes", "response_ppl_quantized", "response_ppl_finetuned")
+
+
+def tradeoff_row(params: dict[str, str], metrics: dict[str, float], run: str) -> dict[str, Any]:
+    row: dict[str, Any] = {"run": run}
+    row.update({name.split(".", 1)[1]: params.get(name) for name in TRADEOFF_PARAMS})
+    row.update({name: metrics.get(name) for name in TRADEOFF_METRICS})
+    return row
+
+
+def tradeoff_table(rows: list[dict[str, Any]]) -> dict[str, list]:
+    """Rows (one per run) as MLflow's column-oriented table, sorted by size."""
+    rows = sorted(rows, key=lambda r: (r.get("size.onnx_bytes") or 0, r["run"]))
+    columns = ["run", *(n.split(".", 1)[1] for n in TRADEOFF_PARAMS), *TRADEOFF_METRICS]
+    return {column: [row.get(column) for row in rows] for column in columns}
+
+
+def tradeoff_chart(rows: list[dict[str, Any]], current: str):
+    """Shipped size against held-out response perplexity, before and after the LoRA, one point per run."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    ax = fig.subplots()
+    for key, label, marker in (("response_ppl_quantized", "quantized", "o"),
+                               ("response_ppl_finetuned", "quantized + LoRA", "s")):
+        points = [(r["size.onnx_bytes"] / 1e6, r[key], r) for r in rows
+                  if r.get("size.onnx_bytes") and r.get(key) is not None]
+        if not points:
+            continue
+        ax.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, label=label)
+        for x, y, row in points:
+            text = f"{row['algorithm']} g{row['group_size']}" + ("" if row["symmetric"] in ("true", None) else " asym")
+            ax.annotate(text + (" (this run)" if row["run"] == current else ""), (x, y), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("shipped ONNX model (MB)")
+    ax.set_ylabel("held-out response perplexity")
+    ax.set_title("Size against quality, runs of this experiment")
+    ax.legend()
+    return fig

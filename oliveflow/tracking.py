@@ -12,6 +12,7 @@ store's creation, retries and damage by ``oliveflow.mlflow_store``. This module 
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,9 @@ from oliveflow.mlflow_store import (
 )
 from oliveflow.results import PipelineResult
 from oliveflow.run_payloads import (
-    CHART_FILE, DEFAULT_EXPERIMENT, SAMPLES_FILE, flatten_params, olive_configs, prompt_template, run_metrics,
-    run_tags, samples_table, size_latency_png,
+    CHART_FILE, DEFAULT_EXPERIMENT, SAMPLES_FILE, SENSITIVITY_FILE, TRADEOFF_CHART, TRADEOFF_FILE, flatten_params,
+    olive_configs, prompt_template, run_metrics, run_tags, samples_table, size_latency_png, tradeoff_chart,
+    tradeoff_row, tradeoff_table,
 )
 
 MODEL_ARTIFACT = "model"
@@ -152,6 +154,7 @@ def track_run(result: PipelineResult, params: BaseModel, lineage: Lineage,
             client.log_text(run_id, result.model_dump_json(indent=1), "pipeline_result.json")
             client.log_table(run_id, samples_table(result), SAMPLES_FILE)
             client.log_artifact(run_id, str(size_latency_png(result)), artifact_path=str(Path(CHART_FILE).parent))
+            _log_tradeoff(client, experiment_id, run_id, flatten_params(params), run_metrics(result), result)
             model_uri = _log_model(client, uri, experiment_id, run_id, result, params) if log_model else None
             client.set_terminated(run_id, "FINISHED")
         except Exception as exc:
@@ -164,6 +167,24 @@ def track_run(result: PipelineResult, params: BaseModel, lineage: Lineage,
                                 "re-run to track it") from exc
     return TrackedRun(tracking_uri=public_uri(uri), experiment_id=experiment_id, experiment_name=experiment,
                       run_id=run_id, run_url=run_url(uri, experiment_id, run_id), model_uri=model_uri)
+
+
+def _log_tradeoff(client, experiment_id: str, run_id: str, params: dict[str, str], metrics: dict[str, float],
+                  result: PipelineResult) -> None:
+    """The size / quality table and chart over this experiment's runs (this one included), and the quantize
+    stage's per-layer sensitivity when it measured one."""
+    rows = [tradeoff_row(params, metrics, run_id)]
+    for run in client.search_runs([experiment_id], max_results=200, order_by=["attributes.start_time DESC"]):
+        if run.info.run_id != run_id and "size.onnx_bytes" in run.data.metrics:
+            rows.append(tradeoff_row(run.data.params, run.data.metrics, run.info.run_id))
+    client.log_table(run_id, tradeoff_table(rows), TRADEOFF_FILE)
+    client.log_figure(run_id, tradeoff_chart(rows, run_id), TRADEOFF_CHART)
+    plan = result.quantized.plan_file
+    if plan.is_file():
+        costs = json.loads(plan.read_text())
+        client.log_table(run_id, {"unit": list(costs["costs"]), "loss_increase_at_low_bits": list(costs["costs"].values()),
+                                  "bits": [costs["high_bits"] if u in costs["promoted"] else costs["low_bits"]
+                                           for u in costs["costs"]]}, SENSITIVITY_FILE)
 
 
 def _mark_failed(client, run_id: str | None) -> None:

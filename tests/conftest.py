@@ -43,14 +43,15 @@ def chain(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("chain")
     data_config = DataConfig(train_path=TRAIN, eval_path=EVAL)
     data = validate_data(data_config)
-    qconfig = QuantizeConfig(group_size=32)
+    # A budget that keeps some but not all of the tiny model's units at 8 bits: the chain ships a mixed graph.
+    qconfig = QuantizeConfig(group_size=32, size_budget=0.9)
     base = resolve_model(str(tiny_model_dir), qconfig)
     quantized = quantize(base, qconfig, _fresh(root / "quantize"), data=data)
     template = resolve_template(data_config, tiny_model_dir)
     adapter = finetune(base, quantized, data, template,
                        FinetuneConfig(max_steps=30, learning_rate=3e-3), _fresh(root / "finetune"))
     onnx = export(quantized, adapter, ExportConfig(), _fresh(root / "export"))
-    return {"base": base, "data": data, "template": template, "quantized": quantized,
+    return {"base": base, "data": data, "template": template, "qconfig": qconfig, "quantized": quantized,
             "adapter": adapter, "onnx": onnx}
 
 

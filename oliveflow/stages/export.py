@@ -1,7 +1,7 @@
 """export: ModelBuilder int4 + ExtractAdapters -> an onnxruntime-genai folder and a .onnx_adapter file.
 
 The base's int4 codes are copied from the quantized checkpoint (``QuantModelBuilder``),
-never re-quantized; the LoRA weights stay float and are pulled out of the graph into
+never re-quantized (a tied embedding reads the head's codes, ``oliveflow.tied_head``); the LoRA weights stay float and are pulled out of the graph into
 ``adapter_weights.onnx_adapter`` so the model also runs with no adapter active.
 """
 
@@ -13,8 +13,10 @@ from pathlib import Path
 
 from oliveflow import olive_runner
 from oliveflow.config import ExportConfig
+from oliveflow.errors import StageError
 from oliveflow.results import Adapter, OnnxModel, QuantizedModel
 from oliveflow.stages import artifact_of
+from oliveflow.tied_head import share_embedding_with_head
 
 MODEL_SUBDIR = "model"
 ADAPTER_FILE = "adapter_weights.onnx_adapter"
@@ -51,10 +53,11 @@ def export(model: QuantizedModel, adapter: Adapter, config: ExportConfig, out_di
         if item.name not in _OLIVE_BOOKKEEPING:
             shutil.move(str(item), target / item.name)
     olive_runner.cleanup(out_dir)
+    if model.tied_embedding and not share_embedding_with_head(target / "model.onnx"):
+        raise StageError(f"export: the quantize stage tied the embedding to the head, but {target / 'model.onnx'} "
+                         "holds no float embedding table equal to the head's codes; re-run the quantize stage")
     adapters = sorted(target.glob("*.onnx_adapter"))
     if not (target / "model.onnx").is_file() or not (target / "genai_config.json").is_file() or not adapters:
-        from oliveflow.errors import StageError
-
         raise StageError(f"export: Olive finished but {target} lacks model.onnx, genai_config.json or an "
                          f".onnx_adapter file (found: {sorted(p.name for p in target.iterdir())})")
     return OnnxModel(artifact=artifact_of(out_dir), adapter_name=adapters[0].name, device=config.device,

@@ -49,8 +49,9 @@ class Stage:
 
 
 def _quantize_key(base: BaseModelRef, config: QuantizeConfig, data: DataReport) -> dict[str, Any]:
-    # gptq and awq calibrate on the data's fields (not the template); rtn needs the model and config alone.
-    calibrated = config.algorithm in ("gptq", "awq")
+    # awq and gptq calibrate, and the mixed-precision choice measures, on the data's fields (not the template);
+    # plain rtn needs the model and config alone.
+    calibrated = config.algorithm != "rtn" or config.size_budget is not None
     calibration = {"data": data.train_sha256, "fields": data.fields} if calibrated else None
     return dict(model=base.artifact.sha256, config=config, calibration=calibration)
 

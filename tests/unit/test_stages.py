@@ -52,13 +52,14 @@ def _onnx_weights(model_dir) -> dict[str, np.ndarray]:
         if node.op_type != "MatMulNBits":
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        n, k, block = attrs["N"], attrs["K"], attrs["block_size"]
-        codes = _unpack_nibbles(inits[node.input[1]]).reshape(n, -1).astype(np.float32)
+        n, k, block, bits = attrs["N"], attrs["K"], attrs["block_size"], attrs["bits"]
+        unpack = _unpack_nibbles if bits == 4 else (lambda packed: packed)
+        codes = unpack(inits[node.input[1]]).reshape(n, -1).astype(np.float32)
         scales = inits[node.input[2]].reshape(n, -1).astype(np.float32)
         if len(node.input) > 3 and node.input[3]:
-            zeros = _unpack_nibbles(inits[node.input[3]]).reshape(n, -1)[:, : scales.shape[1]].astype(np.float32)
+            zeros = unpack(inits[node.input[3]]).reshape(n, -1)[:, : scales.shape[1]].astype(np.float32)
         else:
-            zeros = np.full_like(scales, 8)
+            zeros = np.full_like(scales, 2 ** (bits - 1))
         blocks = (codes.reshape(n, -1, block) - zeros[..., None]) * scales[..., None]
         weights[node.input[1]] = blocks.reshape(n, -1)[:, :k]
     return weights
@@ -181,7 +182,7 @@ def test_stage_command_runs_stages_one_by_one(tiny_model_dir, tmp_path, capsys):
     assert "needs --quantized" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("algorithm", ["gptq", "rtn"])
+@pytest.mark.parametrize("algorithm", ["gptq", "rtn", "awq+gptq"])
 def test_other_quantizers_run_offline(algorithm, chain, tmp_path, monkeypatch):
     """gptq calibrates on the project's data (HF_HUB_OFFLINE is set for the whole suite: no Hub download)."""
     from oliveflow.config import QuantizeConfig
@@ -192,7 +193,7 @@ def test_other_quantizers_run_offline(algorithm, chain, tmp_path, monkeypatch):
     config = json.loads((result.model_dir / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "olive"
     saved = json.loads((result.artifact.path / CONFIG_FILE).read_text())
-    assert saved["passes"]["quantize"]["type"].lower() == algorithm
+    assert saved["passes"]["quantize"]["type"] == {"gptq": "Gptq", "rtn": "Rtn", "awq+gptq": "AwqGptq"}[algorithm]
 
 
 def _with_nan(folder_src, folder_dst, pick):
@@ -291,12 +292,11 @@ def test_the_finetune_is_bit_reproducible(chain, tmp_path):
 
 
 def test_awq_quantize_is_bit_reproducible(chain, tmp_path):
-    """A second AWQ run on the same model and data gives the same artifact hash: its report keeps no timings
-    (on an H200 the tensors were identical too, bench/results/reproducibility-h200.json)."""
-    from oliveflow.config import QuantizeConfig
+    """A second AWQ run (mixed precision included) on the same model and data gives the same artifact hash: its
+    reports keep no timings (on an H200 the tensors were identical too, bench/results/reproducibility-h200.json)."""
     from oliveflow.stages.quantize import quantize
 
-    again = quantize(chain["base"], QuantizeConfig(group_size=32), tmp_path, data=chain["data"])
+    again = quantize(chain["base"], chain["qconfig"], tmp_path, data=chain["data"])
     assert again.artifact.sha256 == chain["quantized"].artifact.sha256
 
 
