@@ -16,6 +16,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.runtime import deployment
 
 from flows.server import STARTUP_FAILURE, TemporaryServer, start_server, stop_server, wait_healthy
+from oliveflow import progress
 from oliveflow.config import PipelineParams, check_registry_settings, overlay
 from oliveflow.errors import InputError, ServiceError
 from oliveflow.lineage import current_lineage
@@ -123,9 +124,10 @@ def run_local(params: PipelineParams | None = None, server: TemporaryServer | No
                 if PREFECT_API_URL.value():  # the user's server (a profile may set it too)
                     return pipeline(params)
                 server = server or start_server(get_current_settings().to_environment_variables(exclude_unset=True))
-                if params.tracking.enabled:
-                    preload_mlflow()  # while the server starts
-                wait_healthy(server, seconds)
+                with progress.task("starting Prefect's temporary server"):
+                    if params.tracking.enabled:
+                        preload_mlflow()  # while the server starts
+                    wait_healthy(server, seconds)
                 # No UI on it: no "View at" link to one (Prefect's ephemeral mode prints none either).
                 with temporary_settings(updates={PREFECT_API_URL: server.api_url,
                                                  PREFECT_UI_URL: PREFECT_UI_URL.value() or ""}):

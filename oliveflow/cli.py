@@ -10,13 +10,15 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, get_args
 
 from pydantic import ValidationError
 
-from oliveflow.config import PipelineParams, check_registry_settings
+from oliveflow import progress, report
+from oliveflow.config import PipelineParams, QuantizeConfig, check_registry_settings
 from oliveflow.errors import InputError, ServiceError, StageError
 from oliveflow.overrides import add_params, set_dotted, validate_params
 from oliveflow.overrides import one_line as _one_line, single_line as _single_line
@@ -35,6 +37,15 @@ def build_params(args: argparse.Namespace) -> PipelineParams:
         if value is not None:
             set_dotted(raw, path, value)
     return validate_params(raw, add_params(raw, args.param or []))
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """``--template`` as a shell gives it: ``'<|user|>\\n{prompt}'`` in single quotes arrives with a backslash and
+    an n; ``\\n`` and ``\\t`` become a line break and a tab, ``\\\\`` one backslash, anything else stays."""
+    return re.sub(r"\\([nt\\])", lambda match: _ESCAPES[match.group(1)], text)
 
 
 def _preflight(params: PipelineParams) -> None:
@@ -66,39 +77,90 @@ def cmd_run(args: argparse.Namespace) -> int:
     # run_local then stops this one and uses that.
     server = None if current().prefect_api_url else start_server()
     try:
-        _preflight(params)
-        from flows.pipeline import run_local
-        from oliveflow.report import markdown
-
-        # Libraries (Olive, ModelBuilder) print progress to stdout; keep it for the summary alone.
-        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-            result = run_local(params, server)
+        # Before the log file: bad input is one line on stderr; the embedded model's first build shows progress.
+        with progress.console(sys.stderr):
+            _preflight(params)
+        log_path = None if args.verbose else progress.log_file(current().home)
+        result = _run(params, server, log_path, args.json)
     finally:
         if server is not None:
             stop_server(server)
     if args.json:
-        summary = {
-            "onnx_model_dir": str(result.onnx_model_dir),
-            "adapter_file": str(result.adapter_file),
-            "size_reduction": result.size_reduction,
-            "samples": [{"prompt": s.prompt, "answer": s.finetuned_answer, "base_answer": s.base_answer,
-                         "reference": s.reference}
-                        for s in result.samples],
-            "stages": {name: {"cache": r.cache, "seconds": r.seconds} for name, r in result.stages.items()},
-            "mlflow_run_id": result.mlflow_run_id,
-            "registration": result.registration,
-            "eval_loss": {"original": result.adapter.eval_loss_original,
-                          "quantized": result.adapter.eval_loss_quantized,
-                          "finetuned": result.adapter.eval_loss_finetuned},
-            "response_perplexity": {"original": result.adapter.response_ppl_original,
-                                    "quantized": result.adapter.response_ppl_quantized,
-                                    "finetuned": result.adapter.response_ppl_finetuned},
-            "rouge_l": {"base": result.smoke.rouge_l_base, "finetuned": result.smoke.rouge_l_finetuned},
-        }
-        print(json.dumps(summary))
+        print(json.dumps(_json_summary(result) | {"log_file": str(log_path) if log_path else None}))
     else:
-        print(markdown(result))
+        places, commands = _where(result, log_path)
+        print("\n" + report.text(result, places, commands), end="")
     return 0 if result.smoke.answered else 1
+
+
+def _run(params: PipelineParams, server: Any, log_path: Path | None, json_out: bool) -> Any:
+    """The flow run, with the libraries' output in ``log_path`` (None: on the console, as --verbose asks)."""
+    if log_path is None:
+        # Libraries (Olive, ModelBuilder) print progress to stdout; keep it for the summary alone.
+        with contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext(), \
+                progress.console(sys.stderr):
+            return _run_local(params, server)
+    os.environ.setdefault("PREFECT_LOGGING_COLORS", "false")  # a file, not a terminal: no colour codes in it
+    print(f"oliveflow: the run's full log (libraries' output, warnings, losses): {log_path}", file=sys.stderr)
+    try:
+        with progress.quiet(log_path) as screen, progress.console(screen):
+            return _run_local(params, server)
+    except BaseException:
+        print(f"oliveflow: the run's full log: {log_path}", file=sys.stderr)
+        raise
+
+
+def _run_local(params: PipelineParams, server: Any) -> Any:
+    with progress.task("loading Prefect"):
+        from flows.pipeline import run_local
+    return run_local(params, server)
+
+
+def _json_summary(result: Any) -> dict:
+    return {
+        "onnx_model_dir": str(result.onnx_model_dir),
+        "adapter_file": str(result.adapter_file),
+        "size_reduction": result.size_reduction,
+        "samples": [{"prompt": s.prompt, "answer": s.finetuned_answer, "base_answer": s.base_answer,
+                     "reference": s.reference}
+                    for s in result.samples],
+        "stages": {name: {"cache": r.cache, "seconds": r.seconds} for name, r in result.stages.items()},
+        "mlflow_run_id": result.mlflow_run_id,
+        "registration": result.registration,
+        "eval_loss": {"original": result.adapter.eval_loss_original,
+                      "quantized": result.adapter.eval_loss_quantized,
+                      "finetuned": result.adapter.eval_loss_finetuned},
+        "response_perplexity": {"original": result.adapter.response_ppl_original,
+                                "quantized": result.adapter.response_ppl_quantized,
+                                "finetuned": result.adapter.response_ppl_finetuned},
+        "rouge_l": {"base": result.smoke.rouge_l_base, "finetuned": result.smoke.rouge_l_finetuned},
+    }
+
+
+def _where(result: Any, log_path: Path | None) -> tuple[list[tuple[str, str]], list[str]]:
+    """Where the run's outputs are, and the commands that open the MLflow and Prefect UIs on them."""
+    from prefect.settings import get_current_settings
+
+    from oliveflow.lineage import public_uri, tracking_uri
+
+    places = [("model folder", str(result.onnx_model_dir))]
+    commands = []
+    bin_dir = Path(sys.executable).parent  # the commands of this environment, whether or not it is activated
+    if result.mlflow_run_id:
+        uri = public_uri(tracking_uri())
+        places.append(("MLflow", f"{uri}  (run {result.mlflow_run_id})"))
+        commands.append(f"{uri}   # the MLflow server's own UI" if uri.startswith(("http://", "https://")) else
+                        f"{bin_dir / 'mlflow'} ui --backend-store-uri {uri}   # then http://127.0.0.1:5000")
+    if log_path:
+        places.append(("run log", str(log_path)))
+    prefect = get_current_settings()
+    if prefect.api.url:
+        places.append(("Prefect", f"{prefect.ui_url or prefect.api.url}  (PREFECT_API_URL)"))
+    else:
+        places.append(("Prefect", f"{prefect.home}  (PREFECT_HOME: its database of flow runs, cache records)"))
+        commands.append(f"PREFECT_HOME={prefect.home} {bin_dir / 'prefect'} server start   "
+                        "# then http://127.0.0.1:4200")
+    return places, commands
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
@@ -124,9 +186,11 @@ def cmd_stage(args: argparse.Namespace) -> int:
     values.update({flag: load_result(getattr(args, flag), BY_OUTPUT[flag].result) for flag in earlier})
     arguments = stage.arguments(values)
     if not stage.writes:
-        print(stage.call(arguments, Path(".")).model_dump_json(indent=1))
+        with progress.console(sys.stderr), progress.task(args.name):
+            outcome = stage.call(arguments, Path("."))
+        print(outcome.model_dump_json(indent=1))
         return 0
-    with atomic_dir(Path(args.output).resolve()) as tmp:
+    with atomic_dir(Path(args.output).resolve()) as tmp, progress.console(sys.stderr), progress.task(args.name):
         outcome = stage.call(arguments, tmp)
         (tmp / RESULT_FILE).write_text(outcome.model_dump_json(indent=1))
     print(outcome.model_copy(update={"artifact": None}).model_dump_json(indent=1))
@@ -163,6 +227,25 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_params(args: argparse.Namespace) -> int:
+    """Every parameter by dotted path, its default and description: the fields of the Prefect UI form."""
+    from oliveflow.config import parameter_default, parameter_fields
+
+    rows = [{"name": path, "default": parameter_default(info), "description": info.description or ""}
+            for path, info in parameter_fields()]
+    if args.json:
+        print(json.dumps(rows, default=str))
+        return 0
+    import textwrap
+
+    for row in rows:
+        default = "(empty)" if row["default"] is None else json.dumps(row["default"], default=str)
+        print(f"{row['name']} = {default}")
+        print(textwrap.fill(row["description"], width=100, initial_indent="    ", subsequent_indent="    "))
+    print("\nSet any of them with --param NAME=VALUE (the value is JSON where it parses as JSON, else text).")
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with its errors on one line like every other error of the command (no usage block)."""
 
@@ -180,9 +263,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--data", help="training JSONL: a path, or a URL such as az://container/train.jsonl "
                                       "(default: the bundled travel set)")
         p.add_argument("--eval-data", help="held-out JSONL: a path or a URL")
-        p.add_argument("--template", help="text template with {field} placeholders (default: the model's chat "
-                       "template over prompt/response)")
-        p.add_argument("--quantize", choices=["rtn", "gptq", "awq"], help="quantization algorithm")
+        p.add_argument("--template", type=unescape,
+                       help="text template with {field} placeholders (default: the model's chat template over "
+                       "prompt/response); \\n and \\t in it are a line break and a tab, so "
+                       "'<|user|>\\n{prompt}<|end|>' works in single quotes (\\\\ is one backslash)")
+        p.add_argument("--quantize", choices=get_args(QuantizeConfig.model_fields["algorithm"].annotation),
+                       help="quantization algorithm")
         p.add_argument("--max-steps", type=int, help="LoRA optimizer steps")
         p.add_argument("--device", choices=["cpu", "gpu"], help="export target")
         p.add_argument("--param", action="append", metavar="KEY=VALUE",
@@ -192,6 +278,8 @@ def _parser() -> argparse.ArgumentParser:
     common(run)
     run.add_argument("--output", type=Path, help="folder that receives the final model folder")
     run.add_argument("--json", action="store_true", help="end stdout with one JSON summary object")
+    run.add_argument("--verbose", action="store_true", help="show every library's output on the console (by "
+                     "default it goes to the run's log file, $OLIVEFLOW_HOME/logs/, whose path is printed)")
     run.set_defaults(func=cmd_run)
 
     stage = sub.add_parser("stage", help="run one stage alone from given inputs, for debugging")
@@ -202,6 +290,11 @@ def _parser() -> argparse.ArgumentParser:
     stage.add_argument("--adapter", type=Path, help="output folder of the finetune stage")
     stage.add_argument("--onnx", type=Path, help="output folder of the export stage")
     stage.set_defaults(func=cmd_stage)
+
+    params = sub.add_parser("params", help="list every parameter (--param NAME=VALUE) with its default and "
+                                           "description")
+    params.add_argument("--json", action="store_true", help="print one JSON list")
+    params.set_defaults(func=cmd_params)
 
     cache = sub.add_parser("cache", help="the artifact store's size and leftovers; remove what nothing points at")
     actions = cache.add_subparsers(dest="action", required=True)
@@ -243,6 +336,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("oliveflow: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `oliveflow params | head`: the reader had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 2
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import string
+from collections.abc import Iterator
 from pathlib import Path, PurePath
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator, model_validator,
@@ -168,11 +169,11 @@ class QuantizeConfig(_Config):
     symmetric: bool = Field(True, description="Symmetric quantization (no zero points).")
     calibration_blocks: int = Field(64, ge=1, description="512-token blocks of training text used to calibrate "
                                                           "awq and gptq.")
-
     size_budget: float | None = Field(
         1 / 3, gt=0, le=1, description="Largest shipped size, as a share of the 16-bit model. The layers (and head) "
                                        "whose quantization costs the most response loss per byte, measured on the "
                                        "training data, keep 8 bits within it. Empty: every layer at `bits`.")
+
     @field_validator("group_size")
     @classmethod
     def _group_size(cls, value: int) -> int:
@@ -455,3 +456,19 @@ def overlay(defaults: dict, params: PipelineParams) -> PipelineParams:
     if not defaults:
         return params
     return PipelineParams.model_validate(_deep_merge(defaults, params.model_dump(mode="json", exclude_unset=True)))
+
+
+def parameter_fields(model: type[BaseModel] = PipelineParams, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Every parameter of ``model`` by dotted path, with its pydantic ``FieldInfo``, nested models walked into
+    (the fields of the Prefect UI form and of ``--param``): ``("finetune.r", FieldInfo(...))``, ..."""
+    for name, info in model.model_fields.items():
+        path = f"{prefix}{name}"
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            yield from parameter_fields(info.annotation, f"{path}.")
+        else:
+            yield path, info
+
+
+def parameter_default(info: Any) -> Any:
+    """What a parameter is when left unset (default factories called)."""
+    return info.get_default(call_default_factory=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 ADAPTER_NAME = "finetuned"
@@ -108,7 +109,10 @@ class GenaiModel(PythonModel):
         return greedy_answer(self._og, self._model, self._tokenizer, self._format(prompt), max_new_tokens,
                              self._adapters)[0]
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
+    # The DataFrame hint says what MLflow hands over after checking the input against the logged signature (a list of
+    # strings becomes a one-column frame). Without a hint MLflow warns at every log and load that it cannot
+    # validate; a pandas hint is one it takes as is, neither inferring a signature from it nor converting.
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
         max_new_tokens = int((params or {}).get("max_new_tokens") or self._max_new_tokens)
         return [self._answer(p, max_new_tokens) for p in _prompts(model_input)]
 

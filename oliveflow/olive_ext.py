@@ -150,6 +150,8 @@ class QuantLinearLora(torch.nn.Module, LoraLayer):
     def __init__(self, base_layer: torch.nn.Module, adapter_name: str, config: Any, r: int = 0,
                  lora_alpha: int = 1, **kwargs: Any):
         super().__init__()
+        # PEFT reads a quantized layer's sizes from infeatures/outfeatures; Olive's QuantLinear names them cols/rows.
+        base_layer.infeatures, base_layer.outfeatures = base_layer.cols, base_layer.rows
         LoraLayer.__init__(self, base_layer)
         quant = self.get_base_layer()
         # QuantLinear names its dimensions rows/cols; LoraLayer needs in/out features.

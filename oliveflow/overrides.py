@@ -71,11 +71,38 @@ def validate_params(raw: dict, texts: dict[tuple[str, ...], str] | None = None) 
 
 
 def one_line(error: ValidationError, what: str = "parameter") -> str:
-    """The first error of ``error`` in one line: ``invalid parameter finetune.r: <message>``."""
+    """The first error of ``error`` in one line: ``invalid parameter finetune.r: <message>``; an unknown name of
+    ``PipelineParams`` gets the closest valid ones instead of pydantic's "Extra inputs are not permitted"."""
     first = error.errors()[0]
     where = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden" and error.title == "PipelineParams":
+        return single_line(f"unknown {what} {where}; {suggest(where)}")
     message = first["msg"].removeprefix("Value error, ")
     return single_line(f"invalid {what} {where}: {message}" if where else f"invalid {what}s: {message}")
+
+
+def suggest(name: str) -> str:
+    """"did you mean ...?" for an unknown dotted parameter name: the closest valid names beside it, else a field of
+    that name elsewhere, else the valid names at that level."""
+    from difflib import get_close_matches
+
+    from oliveflow.config import parameter_fields
+
+    paths = [path for path, _ in parameter_fields()]
+    groups = {path.rsplit(".", depth)[0] for path in paths for depth in range(1, path.count(".") + 1)}
+    group, _, leaf = name.rpartition(".")
+    while group and group not in groups:  # the typo is in a group's name: look one level up
+        group, _, leaf = group.rpartition(".")
+    prefix = f"{group}." if group else ""
+    beside = sorted({path[len(prefix):].split(".")[0] for path in paths if path.startswith(prefix)})
+    close = [prefix + match for match in get_close_matches(leaf, beside, n=3, cutoff=0.6)]
+    # A right name in the wrong place (--param learning_rate=...): the fields of that name.
+    close = close or [path for path in paths if path.rsplit(".", 1)[-1] in get_close_matches(
+        leaf, {path.rsplit(".", 1)[-1] for path in paths}, n=1, cutoff=0.8)]
+    if close:
+        return f"did you mean {' or '.join(close)}? (oliveflow params lists them all)"
+    where = f"under {group}" if group else "at the top level"
+    return f"valid names {where}: {', '.join(beside)} (oliveflow params lists them all)"
 
 
 def single_line(text: str) -> str:

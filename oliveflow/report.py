@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import string
+
 from oliveflow.results import PipelineResult
 
 
@@ -9,9 +12,32 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:,.2f} MB"
 
 
-def _one_line(text: str, limit: int = 160) -> str:
+def cut(text: str, limit: int = 160) -> str:
+    """``text`` on one line, cut at the last word boundary before ``limit`` characters, with an ellipsis."""
     text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    if len(text) <= limit:
+        return text
+    head = text[: limit - 1]
+    if " " in head:
+        head = head.rsplit(" ", 1)[0]
+    return head.rstrip(",;:-") + "…"
+
+
+def question(prompt: str, template: str) -> str:
+    """What was asked, without the template's markup: the values of the placeholders in ``prompt`` (the template
+    rendered up to its last placeholder); failing that, the prompt with its ``<|...|>`` tokens removed."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError:
+        parts = []
+    last = max((i for i, part in enumerate(parts) if part[1] is not None), default=None)
+    if last is not None:
+        pattern = "".join(re.escape(literal) + ("(.*?)" if name is not None else "")
+                          for literal, name, _, _ in parts[:last]) + re.escape(parts[last][0])
+        match = re.fullmatch(pattern, prompt, re.S)
+        if match and match.groups():
+            return " / ".join(value.strip() for value in match.groups())
+    return re.sub(r"<\|[^|>]*\|>", " ", prompt)
 
 
 SHOWN_SAMPLES = 3  # the rest are in the MLflow samples table
@@ -42,7 +68,47 @@ def markdown(result: PipelineResult) -> str:
               f"Model folder: `{result.onnx_model_dir}`  ", f"Adapter: `{result.adapter_file}`", "",
               "## Samples", "", "| prompt | reference | without adapter | with adapter |", "| --- | --- | --- | --- |"]
     for sample in result.samples[:SHOWN_SAMPLES]:
-        cells = [_one_line(t).replace("|", "\\|") for t in (sample.prompt, sample.reference, sample.base_answer,
-                                                             sample.finetuned_answer)]
+        cells = [cut(t).replace("|", "\\|") for t in (question(sample.prompt, result.template), sample.reference,
+                                                       sample.base_answer, sample.finetuned_answer)]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def text(result: PipelineResult, places: list[tuple[str, str]] = (), commands: list[str] = ()) -> str:
+    """The summary ``oliveflow run`` prints: what ran and what it gave, a few answers cut at a word, then ``places``
+    (label, where) and ``commands`` (to open the UIs)."""
+    smoke, adapter = result.smoke, result.adapter
+    lines = [f"oliveflow run: {result.base_model.spec} ({result.base_model.architecture}, "
+             f"{_mb(result.base_model.artifact.size_bytes)})", "",
+             f"{'stage':<12} {'cache':<6} {'seconds':>8} {'output':>12}"]
+    lines += [f"{run.name:<12} {run.cache:<6} {run.seconds:>8.1f} {_mb(run.output_bytes):>12}"
+              for run in result.stages.values()]
+    rows = [("", "before", "after"),
+            ("size", _mb(smoke.size_before_bytes), f"{_mb(smoke.size_after_bytes)} ({smoke.size_reduction:.2f}x "
+                                                    "smaller)"),
+            ("response perplexity", f"{_num(adapter.response_ppl_original)} float, "
+                                    f"{_num(adapter.response_ppl_quantized)} int4",
+             f"{_num(adapter.response_ppl_finetuned)} int4 + LoRA"),
+            (f"ROUGE-L ({len(smoke.samples)} prompts)", f"{_num(smoke.rouge_l_base, 3)} no adapter",
+             f"{_num(smoke.rouge_l_finetuned, 3)} adapter"),
+            ("first token", f"{smoke.ttft_seconds_base * 1000:.1f} ms", f"{smoke.ttft_seconds * 1000:.1f} ms"),
+            ("decode", f"{smoke.decode_tokens_per_second_base:.1f} tokens/s",
+             f"{smoke.decode_tokens_per_second:.1f} tokens/s"),
+            ("per token p50 / p90", f"{smoke.token_latency_p50_ms_base:.2f} / {smoke.token_latency_p90_ms_base:.2f} ms",
+             f"{smoke.token_latency_p50_ms:.2f} / {smoke.token_latency_p90_ms:.2f} ms")]
+    lines += [""] + [f"{name:<22} {before:<28} {after}".rstrip() for name, before, after in rows]
+    if not smoke.answered:
+        lines.append("smoke test: FAILED (an empty answer)")
+    shown = result.samples[:SHOWN_SAMPLES]
+    if shown:
+        lines += ["", f"Answers without and with the adapter ({len(shown)} of {len(result.samples)}; all in MLflow):"]
+        for sample in shown:
+            lines += [f"  Q: {cut(question(sample.prompt, result.template), 96)}",
+                      f"     base:       {cut(sample.base_answer, 84)}",
+                      f"     fine-tuned: {cut(sample.finetuned_answer, 84)}"]
+    lines += ["", f"registration: {result.registration}"]
+    width = max((len(label) for label, _ in places), default=0) + 1
+    lines += [f"{label + ':':<{width}} {where}" for label, where in places]
+    if commands:
+        lines += ["", "Open the UIs:", *(f"  {command}" for command in commands)]
     return "\n".join(lines) + "\n"

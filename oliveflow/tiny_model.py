@@ -15,12 +15,13 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from oliveflow import progress
 from oliveflow.config import REPO_ROOT, oliveflow_home
 from oliveflow.stages.data import read_examples
 from oliveflow.store import replace_dir, scratch_dir
@@ -242,8 +243,10 @@ def _batches(
         yield torch.tensor(batch, dtype=torch.long).view(params.batch_size, params.seq_len)
 
 
-def _pretrain(model: Any, documents: list[list[int]], params: TinyModelParams, seed: int) -> float:
-    """Full-parameter causal-LM training; returns the mean loss of the last 10 steps."""
+def _pretrain(model: Any, documents: list[list[int]], params: TinyModelParams, seed: int,
+              step_done: Callable[[], None] = lambda: None) -> float:
+    """Full-parameter causal-LM training; returns the mean loss of the last 10 steps. ``step_done`` is called
+    after each step (progress)."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
@@ -271,6 +274,7 @@ def _pretrain(model: Any, documents: list[list[int]], params: TinyModelParams, s
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        step_done()
     model.eval()
     tail = losses[-10:]
     return float(sum(tail) / len(tail)) if tail else float("nan")
@@ -352,11 +356,12 @@ def _build_into(
 
     started = time.perf_counter()
     texts, examples = _read_jsonl(data_files)
-    with _deterministic_torch(params.num_threads):
+    with (_deterministic_torch(params.num_threads), progress.without_library_bars(),
+          progress.task("building the embedded model (once)", total=params.steps) as work):
         tokenizer = _train_tokenizer(texts, params)
         model = _make_model(tokenizer, params, seed)
         documents = _pretraining_documents(tokenizer, examples)
-        final_loss = _pretrain(model, documents, params, seed)
+        final_loss = _pretrain(model, documents, params, seed, work.advance)
         model.save_pretrained(tmp_dir)
         tokenizer.save_pretrained(tmp_dir)
     seconds = time.perf_counter() - started

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +122,9 @@ def _log_model(client, uri: str, experiment_id: str, run_id: str, result: Pipeli
                                params=ParamSchema([ParamSpec("max_new_tokens", "long", config["max_new_tokens"])]))
     # Pinned requirements instead of MLflow's inference, which would load the model to find them.
     requirements = [f"{name}=={metadata.version(name)}" for name in ("mlflow", "onnxruntime-genai", "onnxruntime")]
-    with using_tracking_uri(uri), mlflow.start_run(run_id=run_id, nested=False):
+    with using_tracking_uri(uri), mlflow.start_run(run_id=run_id, nested=False), warnings.catch_warnings():
+        # The explicit signature describes the input; an example would make MLflow run the model at every log.
+        warnings.filterwarnings("ignore", message=".*input example was not provided.*")
         info = mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT, python_model=str(Path(mlflow_model.__file__)),
             artifacts={"model_dir": str(result.onnx_model_dir)}, model_config=config, signature=signature,

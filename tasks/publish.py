@@ -6,6 +6,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from oliveflow import progress
 from oliveflow.config import AzurePrincipal, RegistryConfig, TrackingConfig
 from oliveflow.lineage import Lineage, RunContext, TrackedRun
 from oliveflow.mlflow_store import TrackingError
@@ -41,8 +42,9 @@ def _tracking_failed(task, task_run, state) -> bool:
 
 @task(name="track_run", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10, retry_condition_fn=_tracking_failed)
 def track_task(result: PipelineResult, params: BaseModel, lineage: Lineage, config: TrackingConfig) -> TrackedRun:
-    return track_run(result, params, lineage, config.experiment or experiment_name(lineage),
-                     log_model=config.log_model)
+    with progress.task("tracking in MLflow"):
+        return track_run(result, params, lineage, config.experiment or experiment_name(lineage),
+                         log_model=config.log_model)
 
 
 # No task retries: the registry retries each call itself, with backoff, looking the content hash up before
@@ -56,5 +58,6 @@ def register_task(config: RegistryConfig, result: PipelineResult, tracked: Track
     if registry is None:
         return RegistrationOutcome(backend="none", name=config.model_name, registered=False,
                                    reason="registry.backend is none")
-    return register_model(registry, config.model_name, result, tracked, lineage, force=config.force,
-                          version=config.version)
+    with progress.task(f"registering ({config.backend})"):
+        return register_model(registry, config.model_name, result, tracked, lineage, force=config.force,
+                              version=config.version)

@@ -23,6 +23,7 @@ from prefect.cache_policies import NO_CACHE, CacheKeyFnPolicy
 from prefect.results import get_result_store
 from pydantic import BaseModel
 
+from oliveflow import progress
 from oliveflow.config import DataConfig, QuantizeConfig
 from oliveflow.errors import StageError
 from oliveflow.results import BaseModelRef, DataReport, StageRun
@@ -110,8 +111,11 @@ STAGE_TASKS = {stage.name: _stage_task(stage) for stage in STAGES}
 def run_stage(stage: Stage, store: ArtifactStore, locks: LockManager, values: dict[str, Any]) -> tuple[Any, StageRun]:
     """Run ``stage`` on the run's ``values`` (see the stage table) through its cached task, under ``locks``."""
     arguments = stage.arguments(values)
-    return run_cached(STAGE_TASKS[stage.name], store, locks, stage.name, stage.key(store.location, arguments),
-                      inputs=arguments)
+    with progress.task(stage.name) as work:  # start and end lines, progress on a console
+        result, run = run_cached(STAGE_TASKS[stage.name], store, locks, stage.name,
+                                 stage.key(store.location, arguments), inputs=arguments)
+        work.outcome = "from the cache" if run.cache == "hit" else "computed"
+    return result, run
 
 
 def run_cached(task_fn, store: ArtifactStore, locks: LockManager, stage: str, key: str,

@@ -63,6 +63,7 @@ def olive_config(model: QuantizedModel, data: DataReport, template: str, config:
             "per_device_train_batch_size": plan.micro_batch_size,
             "gradient_accumulation_steps": plan.gradient_accumulation_steps,
             "gradient_checkpointing": plan.gradient_checkpointing,
+            "dataloader_pin_memory": not plan.device.startswith("cpu"),  # pinned memory only helps a copy to a GPU
             "seed": config.seed,
             "data_seed": config.seed,
             "logging_steps": 1,

@@ -13,6 +13,7 @@ import statistics
 import time
 from pathlib import Path
 
+from oliveflow import progress
 from oliveflow.config import SmokeTestConfig
 from oliveflow.errors import StageError
 from oliveflow.hashing import tree_size
@@ -86,6 +87,7 @@ def smoke_test(onnx: OnnxModel, base: BaseModelRef, data: DataReport, template: 
     source = data.eval_path or data.train_path
     rows = read_examples(source, data.fields)[: config.num_samples]
     samples, tuned_lat, base_lat, references = [], [], [], []
+    answered = progress.steps(len(rows), "prompt")
     for row in rows:
         prompt, reference = prompt_and_reference(template, row)
         tuned, tuned_tokens, lat_t = _generate(og, model, tokenizer, prompt, config.max_new_tokens, adapters)
@@ -98,6 +100,7 @@ def smoke_test(onnx: OnnxModel, base: BaseModelRef, data: DataReport, template: 
         references.append(reference)
         tuned_lat.append(lat_t)
         base_lat.append(lat_b)
+        answered()
 
     def ttft(runs: list[list[float]]) -> float:
         return statistics.mean(r[0] for r in runs if r) if runs else 0.0

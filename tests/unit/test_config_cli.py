@@ -26,7 +26,7 @@ def test_flags_and_dotted_params():
 
 
 def test_unknown_algorithm_is_refused():
-    with pytest.raises(ValidationError, match="'awq', 'rtn' or 'gptq'"):
+    with pytest.raises(ValidationError, match="'awq', 'rtn', 'gptq' or 'awq\\+gptq'"):
         params("--param", "quantize.algorithm=int3")
 
 
@@ -48,7 +48,7 @@ def test_group_size_must_be_power_of_two():
 @pytest.mark.parametrize("argv, message", [
     (["--data", "/no/such.jsonl"], "data file /no/such.jsonl does not exist"),
     (["--model", "/no/such/model"], "model path /no/such/model does not exist"),
-    (["--param", "quantize.algorithm=int3"], "invalid parameter quantize.algorithm: Input should be 'awq', 'rtn' or"),
+    (["--param", "quantize.algorithm=int3"], "invalid parameter quantize.algorithm: Input should be 'awq', 'rtn', 'gptq' or 'awq+gptq'"),
     (["--template", "no fields"], "invalid parameter data.template"),
     (["--param", "artifact_store=nope://x"], "unknown protocol 'nope'"),
     # s3fs is not installed here: a known protocol whose package is missing says what to install.
