@@ -48,6 +48,9 @@ if TYPE_CHECKING:
 HEAD_TOKENS = 2048
 # Largest relative error a norm fold may introduce when stored in the norm's dtype.
 FOLD_TOLERANCE = 1e-2
+# A larger alpha (clip shrink) is taken only when it lowers the loss by more than this share (search_scales).
+SCALE_MARGIN = 0.02
+CLIP_MARGIN = 1e-3
 # Weight elements per chunk of the clipping search (its [rows, groups, k] candidates: ~64 MB float32).
 CLIP_CHUNK_ELEMENTS = 1 << 24
 
@@ -149,12 +152,16 @@ class AwqReport:
 
 
 def channel_scales(x_abs_mean: Tensor, alpha: float) -> Tensor:
-    """Per-input-channel scales ``mean|x|**alpha``, normalised so that ``max * min == 1``.
+    """Per-input-channel scales ``mean|x|**alpha``, normalised so that ``max * min == 1``, on a coarse grid.
 
-    The clamp keeps dead channels from producing zero (or, after normalising, infinite) scales.
+    Computed in float64 and rounded to bfloat16 values (8 significant bits), so that the last-bit noise of
+    activation statistics summed in another order (another device, another thread count) does not change
+    them: the scaled weights, and so their int4 codes, come out the same. The clamp keeps dead channels
+    from producing zero (or, after normalising, infinite) scales.
     """
-    scales = _wide(x_abs_mean).pow(alpha).clamp(min=1e-4)
-    return scales / (scales.max() * scales.min()).sqrt()
+    scales = x_abs_mean.double().pow(alpha).clamp(min=1e-4)
+    scales = scales / (scales.max() * scales.min()).sqrt()
+    return scales.to(torch.bfloat16).to(_wide(x_abs_mean).dtype)
 
 
 @torch.no_grad()
@@ -204,10 +211,11 @@ def _wide(t: Tensor) -> Tensor:
 
 
 def _abs_mean(inputs: Sequence[Tensor]) -> Tensor:
+    """Mean |x| per channel, summed in float64 (see ``channel_scales``)."""
     total = None
     count = 0
     for x in inputs:
-        flat = _wide(x.reshape(-1, x.shape[-1]))
+        flat = x.reshape(-1, x.shape[-1]).double()
         part = flat.abs().sum(0)
         total = part if total is None else total + part
         count += flat.shape[0]
@@ -550,8 +558,7 @@ def search_scales(group: ScaleGroup, inputs: Sequence[Tensor], run: BlockRunner,
     else:
         loss_of = _block_loss(run, inputs, search_tokens or tokens, per_token=group.input_key != "attn")
     originals = [linear.weight.detach().clone() for linear in group.linears]
-    best: tuple[float, float, Tensor] | None = None
-    loss_rtn = math.nan
+    tried: list[tuple[float, float, Tensor]] = []
     rejected = 0
     try:
         for step in range(grid + 1):
@@ -562,17 +569,15 @@ def search_scales(group: ScaleGroup, inputs: Sequence[Tensor], run: BlockRunner,
                 continue
             for linear, weight in zip(group.linears, originals):
                 linear.weight.copy_(scaled_fake_quantize(weight, scales, quantizer))
-            loss = loss_of()
-            if step == 0:
-                loss_rtn = loss
-            # Strictly better only: ties keep the smaller alpha (alpha 0 = no change at all).
-            if best is None or loss < best[1]:
-                best = (alpha, loss, scales)
+            tried.append((alpha, loss_of(), scales))
     finally:
         for linear, weight in zip(group.linears, originals):
             linear.weight.copy_(weight)
-    assert best is not None
-    return ScaleSearch(alpha=best[0], scales=best[2], loss_rtn=loss_rtn, loss_best=best[1], rejected=rejected)
+    # The smallest alpha within SCALE_MARGIN of the lowest loss: attention outputs make the loss rugged in
+    # alpha, and an argmin among near-equal values followed float noise (another device chose another alpha).
+    lowest = min(loss for _, loss, _ in tried)
+    alpha, loss, scales = next(t for t in tried if t[1] <= lowest * (1 + SCALE_MARGIN))
+    return ScaleSearch(alpha=alpha, scales=scales, loss_rtn=tried[0][1], loss_best=loss, rejected=rejected)
 
 
 @dataclass(frozen=True)
@@ -624,7 +629,8 @@ def search_clip(weight: Tensor, x: Tensor, quantizer: WeightQuantizer, *, grid: 
             err = (torch.bmm(delta, gram) * delta).sum(-1).transpose(0, 1)  # [r, g]
             if step == 0:
                 err_before[start:start + chunk] = err
-            better = err < best_err
+            # A tighter clip must beat the best so far by CLIP_MARGIN: near-ties would follow float noise.
+            better = err < best_err * (1 - CLIP_MARGIN)
             best_err = torch.where(better, err, best_err)
             best_ratio[better] = ratio
         clipped[start:start + chunk] = torch.maximum(torch.minimum(wg, hi * best_ratio),

@@ -160,9 +160,9 @@ class DataConfig(_Config):
 
 class QuantizeConfig(_Config):
     algorithm: Literal["awq", "rtn", "gptq", "awq+gptq"] = Field(
-        "awq", description="Weight quantizer: awq (activation-aware scaling + clipping, calibrated on the training "
-                           "data), rtn (round to nearest), gptq (calibrated on the training data), awq+gptq "
-                           "(awq's scaling, then gptq's rounding).")
+        "awq+gptq", description="Weight quantizer: awq+gptq (awq's activation-aware scaling, then gptq's "
+                                "error-compensating rounding; the best held-out quality measured), awq (scaling + "
+                                "clipping), rtn (round to nearest), gptq. All but rtn calibrate on the training data.")
     bits: Literal[4, 8] = Field(4, description="Bits per weight.")
     group_size: int = Field(32, description="Weights per quantization group; must divide the model's hidden and "
                                             "intermediate sizes. -1 means one group per output channel.")

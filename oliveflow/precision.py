@@ -11,7 +11,7 @@
 
 The estimated shipped size counts what the CPU int4 graph stores: codes, float32 scales (one per group),
 packed zero points when asymmetric, an input embedding shared with a quantized tied head (or float32
-when untied), and every other parameter in float32.
+when untied), every other parameter in float32, the rotary caches and the graph's own description.
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 HIGH_BITS = 8
 SCALE_BYTES = 4  # float32 scales in the CPU graph (the CUDA graph stores float16: smaller)
+# Node descriptions, names and shape constants per decoder layer in the graph: SmolLM2-135M's model.onnx was
+# 274,518 bytes larger than its weights and rotary caches, over 30 layers.
+GRAPH_BYTES_PER_LAYER = 10_000
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,8 @@ def _unit_bytes(unit: Unit, bits: int, group_size: int, symmetric: bool) -> int:
 
 
 def other_bytes(model: PreTrainedModel, units: list[Unit], tied: bool) -> int:
-    """float32 bytes of everything that is not a unit's linear (an embedding tied to the head costs nothing)."""
+    """float32 bytes of everything in the graph that is not a unit's linear: the other parameters (an embedding
+    tied to the head costs nothing), ModelBuilder's rotary cos/sin caches, and the graph itself."""
     quantized = {name for unit in units for name in unit.modules}
     embeddings = model.get_input_embeddings()
     total = 0
@@ -98,7 +102,10 @@ def other_bytes(model: PreTrainedModel, units: list[Unit], tied: bool) -> int:
         if name in quantized or (tied and module is embeddings):
             continue
         total += sum(p.numel() for p in module.parameters(recurse=False)) * 4
-    return total
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    rotary = 2 * getattr(config, "max_position_embeddings", 0) * (head_dim // 2) * 4
+    return total + rotary + GRAPH_BYTES_PER_LAYER * (len(units) - 1)
 
 
 def size_16bit(model: PreTrainedModel) -> int:

@@ -44,7 +44,7 @@ def chain(tiny_model_dir, tmp_path_factory):
     data_config = DataConfig(train_path=TRAIN, eval_path=EVAL)
     data = validate_data(data_config)
     # A budget that keeps some but not all of the tiny model's units at 8 bits: the chain ships a mixed graph.
-    qconfig = QuantizeConfig(group_size=32, size_budget=0.9)
+    qconfig = QuantizeConfig(group_size=32, size_budget=0.95)
     base = resolve_model(str(tiny_model_dir), qconfig)
     quantized = quantize(base, qconfig, _fresh(root / "quantize"), data=data)
     template = resolve_template(data_config, tiny_model_dir)

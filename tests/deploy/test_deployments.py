@@ -341,9 +341,10 @@ def test_retraining_changed_data_reruns_the_heavy_stages(stack, gpu_workers, twi
         stack.put_data("travel_train.jsonl", original.encode())
     assert run.state.is_completed(), run.state
     assert run.parameters["params"] == stack.default_params  # the deployment's, as a scheduled run gets them
-    # Everything downstream of the data re-runs; quantize too when its algorithm calibrates on the data.
-    algorithm = PipelineParams.model_validate(stack.default_params).quantize.algorithm
-    quantize = "miss" if algorithm in ("awq", "gptq") else "hit"
+    # Everything downstream of the data re-runs; quantize too when it reads the data (calibration, or the
+    # mixed-precision measurement): everything but plain rtn.
+    config = PipelineParams.model_validate(stack.default_params).quantize
+    quantize = "miss" if config.algorithm != "rtn" or config.size_budget is not None else "hit"
     assert stack.stage_caches(flow_run_id) == {"quantize": quantize, "finetune": "miss", "export": "miss",
                                                "smoke_test": "miss"}
     # The retrained model went through tracking and the quality gate (registered, or refused with a reason).

@@ -15,7 +15,7 @@ from oliveflow.store import ArtifactStore
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
 # rtn: its output depends on the model alone, which is what the data/template cache tests are about.
-FAST = dict(quantize=QuantizeConfig(algorithm="rtn"), finetune=FinetuneConfig(max_steps=5),
+FAST = dict(quantize=QuantizeConfig(algorithm="rtn", size_budget=None), finetune=FinetuneConfig(max_steps=5),
             smoke_test=SmokeTestConfig(num_samples=1, max_new_tokens=8))
 HEAVY = ("quantize", "finetune", "export", "smoke_test")
 

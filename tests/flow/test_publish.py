@@ -9,7 +9,7 @@ from oliveflow.store import ArtifactStore
 from oliveflow.mlflow_store import TrackingError
 from oliveflow.lineage import CONTENT_TAG
 
-FAST = dict(quantize=QuantizeConfig(algorithm="rtn"), finetune=FinetuneConfig(max_steps=5),
+FAST = dict(quantize=QuantizeConfig(algorithm="rtn", size_budget=None), finetune=FinetuneConfig(max_steps=5),
             smoke_test=SmokeTestConfig(num_samples=1, max_new_tokens=8))
 
 

@@ -96,8 +96,17 @@ def test_channel_scales_match_float64_reference():
         expected /= math.sqrt(float(expected.max()) * float(expected.min()))
         got = channel_scales(x_mean, alpha)
         assert got.dtype == torch.float64
-        assert torch.allclose(got, expected, rtol=1e-12, atol=0)
+        assert torch.equal(got, expected.to(torch.bfloat16).double()), "the float64 values, on bfloat16's grid"
     assert torch.equal(channel_scales(x_mean, 0.0), torch.ones_like(x_mean)), "alpha 0 must be plain RTN"
+
+
+def test_channel_scales_ignore_the_last_bits_of_the_statistics():
+    """Statistics summed in another order (another device or thread count) differ in their last bits; the scales,
+    and so the scaled weights and their codes, must not."""
+    x_mean = torch.rand(576, dtype=torch.float32, generator=torch.Generator().manual_seed(2)) * 10
+    noisy = x_mean * (1 + 1e-7 * torch.randn(576, generator=torch.Generator().manual_seed(3)))
+    changed = sum(not torch.equal(channel_scales(x_mean, a / 20), channel_scales(noisy, a / 20)) for a in range(21))
+    assert changed <= 1, f"{changed} of 21 alphas changed their scales under float32 noise"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
@@ -145,10 +154,11 @@ def test_scale_search_matches_brute_force_float64():
     for step in range(21):
         s = x_mean ** (step / 20)
         s = s.clamp(min=1e-4)
-        s = s / torch.sqrt(s.max() * s.min())
+        s = (s / torch.sqrt(s.max() * s.min())).to(torch.bfloat16).double()
         effective = _reference_fake_quantize(original * s, 4, True, 32) / s
         losses.append(float(((x @ effective.T) - reference_out).pow(2).mean()))
-    best = min(range(21), key=lambda i: (losses[i], i))
+    # the smallest alpha within 2% (SCALE_MARGIN) of the lowest loss
+    best = next(i for i in range(21) if losses[i] <= min(losses) * 1.02)
 
     found = search_scales(_probe_group(linear), [x], lambda inp, _: linear(inp), _quantizer(), grid=20)
     assert found.alpha == best / 20 and found.alpha > 0

@@ -15,7 +15,7 @@ def params(*argv):
 
 def test_defaults_are_the_embedded_run():
     p = PipelineParams()
-    assert p.model == "embedded:tiny-phi3" and p.quantize.algorithm == "awq" and p.export.device == "cpu"
+    assert p.model == "embedded:tiny-phi3" and p.quantize.algorithm == "awq+gptq" and p.export.device == "cpu"
 
 
 def test_flags_and_dotted_params():

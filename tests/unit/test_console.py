@@ -62,11 +62,11 @@ def test_params_lists_every_parameter_with_its_default_and_description():
     assert list(listed) == paths and len(paths) > 30
     assert {"finetune.learning_rate", "quantize.algorithm", "registry.azure.cloud", "output_dir"} <= set(listed)
     assert listed["finetune.max_steps"]["default"] == PipelineParams().finetune.max_steps
-    assert listed["quantize.algorithm"]["default"] == "awq"
+    assert listed["quantize.algorithm"]["default"] == "awq+gptq"
     assert all(row["description"] for row in listed.values()), [n for n, r in listed.items() if not r["description"]]
     text = cli("params").stdout
     assert "finetune.learning_rate = (empty)\n    AdamW learning rate." in text
-    assert 'quantize.algorithm = "awq"' in text
+    assert 'quantize.algorithm = "awq+gptq"' in text
 
 
 # ---- --template escapes ----

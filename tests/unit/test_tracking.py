@@ -49,7 +49,7 @@ def test_default_store_is_a_fixed_place_not_the_working_folder(monkeypatch, tmp_
 
 def test_params_are_flattened_with_dotted_names(run_params):
     flat = flatten_params(run_params)
-    assert flat["finetune.r"] == "16" and flat["quantize.algorithm"] == "awq"
+    assert flat["finetune.r"] == "16" and flat["quantize.algorithm"] == "awq+gptq"
     assert flat["smoke_test.max_new_tokens"] == "12" and flat["data.template"] == "null"  # empty: the model's own template
     assert flat["finetune.target_modules"] == "null" and flat["model"] == run_params.model
 
@@ -125,6 +125,17 @@ def test_artifacts_configs_samples_and_chart(tracked, mlflow_uri, pipeline_resul
     assert [row[3] for row in samples["data"]] == [s.finetuned_answer for s in pipeline_result.samples]
     chart = artifact("charts/size_latency.png").read_bytes()
     assert chart[:8] == b"\x89PNG\r\n\x1a\n" and len(chart) > 5000
+    # The size / quality trade-off over the experiment's runs, this one included, and the layers' costs.
+    tradeoff = json.loads(artifact("tradeoff.json").read_text())
+    row = dict(zip(tradeoff["columns"], next(r for r in tradeoff["data"] if r[0] == tracked.run_id)))
+    assert row["algorithm"] == pipeline_result.quantized.algorithm
+    assert row["response_ppl_finetuned"] == pytest.approx(pipeline_result.adapter.response_ppl_finetuned)
+    assert row["size.onnx_bytes"] == pipeline_result.smoke.size_after_bytes
+    assert artifact("charts/size_vs_perplexity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sensitivity = json.loads(artifact("quantize_sensitivity.json").read_text())
+    assert sensitivity["columns"] == ["unit", "loss_increase_at_low_bits", "bits"]
+    assert {r[0] for r in sensitivity["data"]} == {"layers.0", "layers.1", "lm_head"}
+    assert sorted(r[0] for r in sensitivity["data"] if r[2] == 8) == sorted(pipeline_result.quantized.promoted)
     result = json.loads(artifact("pipeline_result.json").read_text())
     assert result["onnx"]["artifact"]["sha256"] == pipeline_result.onnx.artifact.sha256
     # Artifacts sit beside the SQLite database, not in ./mlruns of the working folder.
