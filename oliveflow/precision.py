@@ -17,6 +17,7 @@ when untied), every other parameter in float32, the rotary caches and the graph'
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -114,10 +115,12 @@ def size_16bit(model: PreTrainedModel) -> int:
 
 @torch.no_grad()
 def measure_costs(model: PreTrainedModel, examples: list[tuple[Tensor, Tensor]], units: list[Unit],
-                  quantizer: WeightQuantizer) -> tuple[float, dict[str, float], int]:
+                  quantizer: WeightQuantizer, progress: Callable[[], None] = lambda: None
+                  ) -> tuple[float, dict[str, float], int]:
     """(float loss, {unit: loss increase when quantized alone}, response tokens) on ``examples``.
 
     ``examples``: ([1, T] token ids, [T] bool mask of the positions whose next token is a response token).
+    ``progress()`` is called after each unit.
     """
     layers, norm = _decoder_parts(model)
     head = model.get_output_embeddings()
@@ -158,6 +161,7 @@ def measure_costs(model: PreTrainedModel, examples: list[tuple[Tensor, Tensor]],
             costs[unit.name] = loss_from(start) - base
             for name, weight in saved.items():
                 modules[name].weight.copy_(weight)
+            progress()
     finally:
         model.train(was_training)
     return base, costs, tokens

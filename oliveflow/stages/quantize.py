@@ -67,6 +67,7 @@ def plan_precision(base: BaseModelRef, config: QuantizeConfig, data: DataReport)
     from oliveflow.sft import IGNORE_INDEX, encode_rows
     from oliveflow.stages.data import read_examples
     from olive.common.quant.utils import WeightQuantizer
+    from tqdm.auto import tqdm
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(base.artifact.path)
@@ -78,7 +79,8 @@ def plan_precision(base: BaseModelRef, config: QuantizeConfig, data: DataReport)
     tied = bool(getattr(AutoConfig.from_pretrained(base.artifact.path), "tie_word_embeddings", False))
     units = precision.units_of(model)
     quantizer = WeightQuantizer(bits=config.bits, symmetric=config.symmetric, group_size=config.group_size)
-    base_loss, costs, tokens = precision.measure_costs(model, examples, units, quantizer)
+    with tqdm(total=len(units), desc="layer sensitivity", unit="layer") as bar:  # shown in the stage's line
+        base_loss, costs, tokens = precision.measure_costs(model, examples, units, quantizer, bar.update)
     size16 = precision.size_16bit(model)
     fixed = precision.other_bytes(model, units, tied)
     del model
