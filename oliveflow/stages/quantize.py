@@ -61,7 +61,7 @@ def olive_config(base: BaseModelRef, config: QuantizeConfig, data: DataReport | 
 def plan_precision(base: BaseModelRef, config: QuantizeConfig, data: DataReport) -> tuple[PrecisionPlan, dict]:
     """Measure each layer's cost at ``config.bits`` and choose the 8-bit ones within the size budget."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from oliveflow import precision
     from oliveflow.sft import IGNORE_INDEX, encode_rows
@@ -76,14 +76,15 @@ def plan_precision(base: BaseModelRef, config: QuantizeConfig, data: DataReport)
     examples = [(torch.tensor([e["input_ids"]]), torch.tensor(e["labels"][1:] + [IGNORE_INDEX]) != IGNORE_INDEX)
                 for e in encoded]
     model = AutoModelForCausalLM.from_pretrained(base.artifact.path, dtype="auto", device_map=device)
-    tied = bool(getattr(AutoConfig.from_pretrained(base.artifact.path), "tie_word_embeddings", False))
     units = precision.units_of(model)
     quantizer = WeightQuantizer(bits=config.bits, symmetric=config.symmetric, group_size=config.group_size)
     with tqdm(total=len(units), desc="layer sensitivity", unit="layer") as bar:  # shown in the stage's line
         base_loss, costs, tokens = precision.measure_costs(model, examples, units, quantizer, bar.update)
     size16 = precision.size_16bit(model)
-    fixed = precision.other_bytes(model, units, tied)
+    fixed = precision.other_bytes(model, units, _was_tied(base))
     del model
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the quantizer loads the model again
     budget = int(config.size_budget * size16)
     promoted, estimated, all_low = precision.choose(costs, units, low_bits=config.bits, group_size=config.group_size,
                                                     symmetric=config.symmetric, budget_bytes=budget,
