@@ -172,7 +172,7 @@ class QuantizeConfig(_Config):
     size_budget: float | None = Field(
         1 / 3, gt=0, le=1, description="Largest shipped size, as a share of the 16-bit model. The layers (and head) "
                                        "whose quantization costs the most response loss per byte, measured on the "
-                                       "training data, keep 8 bits within it. Empty: every layer at `bits`.")
+                                       "training data, keep 8 bits within it. Empty: every layer at the bits above.")
 
     @field_validator("group_size")
     @classmethod

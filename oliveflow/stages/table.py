@@ -53,7 +53,17 @@ def _quantize_key(base: BaseModelRef, config: QuantizeConfig, data: DataReport) 
     # plain rtn needs the model and config alone.
     calibrated = config.algorithm != "rtn" or config.size_budget is not None
     calibration = {"data": data.train_sha256, "fields": data.fields} if calibrated else None
-    return dict(model=base.artifact.sha256, config=config, calibration=calibration)
+    # A calibrated quantizer's weights depend on the device it ran on (awq+gptq on one H200 and on a CPU agreed on
+    # a third of AWQ's choices): a GPU's result is not served to a CPU run, nor the reverse.
+    return dict(model=base.artifact.sha256, config=config, calibration=calibration,
+                device=quantize_device() if calibrated else None)
+
+
+def quantize_device() -> str:
+    """"cpu", or the CUDA device's name: where the quantize stage will run."""
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def _finetune_key(base: BaseModelRef, model: QuantizedModel, data: DataReport, template: str,

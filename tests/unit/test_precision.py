@@ -170,3 +170,21 @@ def test_the_plan_is_saved_and_its_promotions_reach_the_graph(chain):
     assert eight and all(any(f"/{u.replace('layers.', 'layers.')}/" in name or name.startswith(f"/{u}/")
                              for u in quantized.promoted) for name in eight)
     assert any(b == 4 for b in bits.values())
+
+
+def test_a_calibrated_quantize_is_cached_per_device(chain, monkeypatch):
+    """The quantized weights of a calibrated quantizer depend on the device: its cache key names the device."""
+    import torch
+
+    from oliveflow.stages.table import BY_NAME
+
+    stage = BY_NAME["quantize"]
+    arguments = {"base": chain["base"], "config": chain["qconfig"], "data": chain["data"]}
+    on_cpu = stage.key("store", arguments)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    assert stage.key("store", arguments) != on_cpu
+    plain = {**arguments, "config": chain["qconfig"].model_copy(update={"algorithm": "rtn", "size_budget": None})}
+    gpu_plain = stage.key("store", plain)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert stage.key("store", plain) == gpu_plain, "plain rtn is elementwise: the same on every device"
