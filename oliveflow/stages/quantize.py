@@ -12,15 +12,18 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from oliveflow import olive_runner
 from oliveflow.config import QuantizeConfig
 from oliveflow.errors import InputError
 from oliveflow.hashing import tree_size
 from oliveflow.olive_runner import jsonl_data_config
-from oliveflow.precision import PrecisionPlan
 from oliveflow.results import BaseModelRef, DataReport, QuantizedModel
 from oliveflow.stages import artifact_of
+
+if TYPE_CHECKING:  # torch: not imported where input is only checked (the CLI's refusals)
+    from oliveflow.precision import PrecisionPlan
 
 MODEL_SUBDIR = "model"
 # Training examples the sensitivity of each layer is measured on (about 100 tokens each for chat data).
@@ -89,7 +92,7 @@ def plan_precision(base: BaseModelRef, config: QuantizeConfig, data: DataReport)
     promoted, estimated, all_low = precision.choose(costs, units, low_bits=config.bits, group_size=config.group_size,
                                                     symmetric=config.symmetric, budget_bytes=budget,
                                                     fixed_bytes=fixed)
-    plan = PrecisionPlan(low_bits=config.bits, high_bits=precision.HIGH_BITS, budget_bytes=budget,
+    plan = precision.PrecisionPlan(low_bits=config.bits, high_bits=precision.HIGH_BITS, budget_bytes=budget,
                          size_16bit_bytes=size16, estimated_bytes=estimated, all_low_bytes=all_low,
                          base_loss=base_loss, costs=costs, promoted=promoted, tokens=tokens)
     if all_low > budget:
