@@ -59,20 +59,21 @@ def head_grid(model_dir: Path) -> torch.Tensor | None:
     return quantizer.dequantize(codes, scales, zeros)
 
 
-def tie_embedding_to_head(model_dir: Path) -> bool:
-    """Overwrite the checkpoint's embedding table with the quantized head's grid; False when there is nothing to tie."""
+def tie_embedding_to_head(model_dir: Path) -> int:
+    """Overwrite the checkpoint's embedding table with the quantized head's grid; return the table's bytes (which the
+    graph will not hold), 0 when there is nothing to tie."""
     from safetensors.torch import load_file, save_file
 
     grid = head_grid(model_dir)
     path = _find(model_dir, EMBEDDING)
     if grid is None or path is None:
-        return False
+        return 0
     tensors = load_file(str(path))
     if tensors[EMBEDDING].shape != grid.shape:
-        return False
+        return 0
     tensors[EMBEDDING] = grid.to(tensors[EMBEDDING].dtype).contiguous()
     save_file(tensors, str(path), metadata={"format": "pt"})
-    return True
+    return tensors[EMBEDDING].nbytes
 
 
 def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:

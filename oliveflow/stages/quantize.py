@@ -108,7 +108,7 @@ def plan_precision(base: BaseModelRef, config: QuantizeConfig, data: DataReport)
 def quantize(base: BaseModelRef, config: QuantizeConfig, out_dir: Path, *,
              data: DataReport | None = None) -> QuantizedModel:
     """Quantize ``base`` into ``out_dir/model``; the Olive config (and the precision plan) is saved beside it."""
-    from oliveflow.tied_head import EMBEDDING, tie_embedding_to_head
+    from oliveflow.tied_head import tie_embedding_to_head
 
     started = time.perf_counter()
     plan, overrides = None, None
@@ -121,12 +121,11 @@ def quantize(base: BaseModelRef, config: QuantizeConfig, out_dir: Path, *,
     shutil.move(str(produced), out_dir / MODEL_SUBDIR)
     olive_runner.cleanup(out_dir)
     model_dir = out_dir / MODEL_SUBDIR
-    tied = tie_embedding_to_head(model_dir) if _was_tied(base) else False
+    tied_bytes = tie_embedding_to_head(model_dir) if _was_tied(base) else 0
     if plan is not None:
         (out_dir / "precision_plan.json").write_text(json.dumps(plan.to_dict(), indent=1))
-    size = sum(tree_size(p) for p in model_dir.glob("*.safetensors"))
-    if tied:  # the graph keeps one copy: the head's codes
-        size -= _tensor_bytes(model_dir, EMBEDDING)
+    # A tied table is not shipped: the graph reads the head's codes.
+    size = sum(tree_size(p) for p in model_dir.glob("*.safetensors")) - tied_bytes
     return QuantizedModel(
         artifact=artifact_of(out_dir),
         algorithm=config.algorithm,
@@ -135,7 +134,7 @@ def quantize(base: BaseModelRef, config: QuantizeConfig, out_dir: Path, *,
         size_before_bytes=base.artifact.size_bytes,
         size_after_bytes=size,
         promoted=plan.promoted if plan else [],
-        tied_embedding=tied,
+        tied_embedding=tied_bytes > 0,
         seconds=time.perf_counter() - started,
     )
 
@@ -145,15 +144,3 @@ def _was_tied(base: BaseModelRef) -> bool:
 
     return bool(getattr(AutoConfig.from_pretrained(base.artifact.path), "tie_word_embeddings", False))
 
-
-def _tensor_bytes(model_dir: Path, key: str) -> int:
-    import math
-
-    from safetensors import safe_open
-
-    for path in model_dir.glob("*.safetensors"):
-        with safe_open(str(path), "pt") as f:
-            if key in f.keys():
-                return math.prod(f.get_slice(key).get_shape()) * \
-                    {"F32": 4, "F16": 2, "BF16": 2}[f.get_slice(key).get_dtype()]
-    return 0
