@@ -11,6 +11,8 @@ Parts (each written to ``OUT/quant-quality-<part>-<tag>.json`` as soon as it end
   mixed-precision plan: held-out response perplexity before fine-tuning, estimated shipped bytes, seconds.
 - ``devices``: the default quantizer run on the GPU and on the CPU (a child process with CUDA hidden):
   share of identical codes and scales per tensor, largest scale difference, perplexity of each.
+- ``weighting``: awq and awq+gptq (all 4-bit) with AWQ's search error weighted by token: ``prompt_weight``
+  empty (packed text), 1, 0.25 and 0 (response tokens only).
 - ``fingerprint``: the default quantizer and awq alone, with a hash of every tensor and AWQ's alphas, to
   compare with another machine's (``--compare A.json B.json``).
 - ``finetune``: LoRA (default settings, 100 steps) on the float model, on the default quantized model, on
@@ -77,6 +79,10 @@ def main() -> None:
     parser.add_argument("--default", default="awq+gptq", help="the quantizer the finetune part ships")
     parser.add_argument("--default-symmetric", type=int, default=1)
     parser.add_argument("--default-group", type=int, default=32)
+    parser.add_argument("--target-modules", nargs="+", help="finetune: LoRA target modules (default: Olive's)")
+    parser.add_argument("--lora-r", type=int, help="finetune: LoRA rank (default: FinetuneConfig's)")
+    parser.add_argument("--rows", nargs="+", default=["float", "shipped", "uniform", "reverse", "export"],
+                        help="finetune: which rows (float LoRA, shipped, all 4-bit, reverse order)")
     parser.add_argument("--tag", default="h200")
     parser.add_argument("--out-dir", type=Path)
     parser.add_argument("--quantize-only", help=argparse.SUPPRESS)  # child: quantize into this folder, print JSON
@@ -154,6 +160,17 @@ def main() -> None:
         rows.append(run_quantize(default)["row"] | {"default": True})
         save("sweep", {"float_response_ppl": ppl_float, "rows": rows})
 
+    if "weighting" in args.parts:
+        # AWQ's search error weighted by token: the packed text (None), the examples one by one with every token
+        # weighing 1, and with the prompt's tokens weighing less than the response's.
+        rows = []
+        for algorithm in ("awq", "awq+gptq"):
+            for weight in (None, 1.0, 0.25, 0.0):
+                config = default.model_copy(update={"algorithm": algorithm, "size_budget": None,
+                                                    "prompt_weight": weight})
+                rows.append(run_quantize(config)["row"] | {"prompt_weight": weight})
+                save("weighting", {"float_response_ppl": ppl_float, "rows": rows})
+
     if "fingerprint" in args.parts:
         # What a quantizer produced on this machine, small enough to bring back and compare with another's
         # (--compare A.json B.json): promoted units, AWQ's alphas, a hash per tensor, held-out perplexity.
@@ -185,20 +202,28 @@ def main() -> None:
 
     if "finetune" in args.parts:
         rows = []
-        shipped = run_quantize(default)
-        uniform = run_quantize(default.model_copy(update={"size_budget": None}))
-        float_model = float_as_quantized(base, folder("float"))
+        paths = []
+        if "float" in args.rows:
+            paths.append(("float LoRA", float_as_quantized(base, folder("float"))))
+        if "shipped" in args.rows:
+            paths.append(("shipped: " + args.default, run_quantize(default)["model"]))
+        if "uniform" in args.rows:
+            paths.append(("all 4-bit " + args.default,
+                          run_quantize(default.model_copy(update={"size_budget": None}))["model"]))
+        lora = {"target_modules": args.target_modules} if args.target_modules else {}
+        if args.lora_r:
+            lora["r"] = args.lora_r
         for seed in args.seeds:
-            for name, model in (("float LoRA", float_model), ("shipped: " + args.default, shipped["model"]),
-                                ("all 4-bit " + args.default, uniform["model"])):
+            for name, model in paths:
                 started = time.perf_counter()
-                adapter = finetune(base, model, data, template, FinetuneConfig(seed=seed), folder("f"))
-                row = {"path": name, "seed": seed, "size_bytes": model.size_after_bytes,
+                adapter = finetune(base, model, data, template, FinetuneConfig(seed=seed, **lora), folder("f"))
+                row = {"path": name, "seed": seed, "target_modules": args.target_modules, "lora_r": args.lora_r,
+                       "size_bytes": model.size_after_bytes,
                        "response_ppl_before": adapter.response_ppl_quantized,
                        "response_ppl_after": adapter.response_ppl_finetuned,
                        "response_ppl_original": adapter.response_ppl_original,
                        "seconds": round(time.perf_counter() - started, 1)}
-                if name.startswith("shipped") and seed == args.seeds[0]:
+                if name.startswith("shipped") and seed == args.seeds[0] and "export" in args.rows:
                     onnx = export(model, adapter, ExportConfig(), folder("e"))
                     row["onnx_model_bytes"] = sum(p.stat().st_size for p in onnx.model_dir.iterdir()
                                                   if p.name.startswith("model.onnx"))
@@ -214,7 +239,7 @@ def main() -> None:
                         row["smoke_refused"] = str(exc)
                     except ImportError as exc:  # the GPU machine has no MLflow, which the smoke test imports
                         row["smoke_skipped"] = str(exc)
-                if name == "float LoRA":
+                if name == "float LoRA" and "reverse" in args.rows:
                     row["reverse"] = reverse_order(base, adapter, default, data, template, folder("rev"))
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "answers"}), flush=True)

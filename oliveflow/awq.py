@@ -12,6 +12,9 @@ the float weights so that round-to-nearest (same bits, group size and symmetry) 
 2. Clipping search (optional). Each group of a weight row is clamped to ``ratio`` of its
    range where that lowers the group's output error on the calibration tokens.
 
+Both searches can weigh each calibration token's error (``token_weights``: e.g. 1 where the next token is a
+response token, less on the prompt, as ``quantize.prompt_weight`` does); the activation statistics stay unweighted.
+
 The pseudo-quantizer in both searches is ``fake_quantize``: Olive's ``WeightQuantizer`` grid in
 a third of the passes (bit-identical, tested), so the searches optimise the exact grid ``Rtn``
 will produce. Work goes layer by layer (inputs
@@ -482,33 +485,41 @@ class ScaleSearch:
 LossFn = Callable[[], float]  # the group's output MSE under the linears' current weights
 
 
-def _block_loss(run: BlockRunner, inputs: Sequence[Tensor], limit: int, per_token: bool) -> LossFn:
+def _block_loss(run: BlockRunner, inputs: Sequence[Tensor], limit: int, per_token: bool,
+                weights: Sequence[Tensor] | None = None) -> LossFn:
     """MSE of the block's output against the float block's, on at most ``limit`` of the inputs' tokens.
 
     The block (attention, MLP) runs once per alpha, so its tokens set the search's cost; the channel
     statistics that define the scales still come from every calibration token. The sample is spread
     evenly: whole rows for the attention (its calls carry per-row masks and positions), tokens otherwise.
+    ``weights`` (one per token, shaped like the inputs without their last dimension) weight each token's
+    squared error; None weighs every token 1.
     """
-    picked = _spread(inputs, limit, per_token)
-    targets = [_wide(run(x, i)) for i, x in picked]
+    picked = _spread(inputs, limit, per_token, weights)
+    targets = [_wide(run(x, i)) for i, x, _ in picked]
 
     def loss() -> float:
-        total, count = 0.0, 0
-        for (i, x), target in zip(picked, targets):
-            total += float((_wide(run(x, i)) - target).pow(2).sum())
-            count += target.numel()
+        total, count = 0.0, 0.0
+        for (i, x, w), target in zip(picked, targets):
+            error = (_wide(run(x, i)) - target).pow(2)
+            if w is None:
+                total += float(error.sum())
+                count += target.numel()
+            else:
+                total += float((error.sum(-1) * w.reshape(error.shape[:-1])).sum())
+                count += float(w.sum()) * target.shape[-1]
         return total / count
 
     return loss
 
 
-def _linear_loss(linear: nn.Linear, inputs: Sequence[Tensor]) -> LossFn:
-    """The same MSE for a block that is one linear, from the inputs' Gram matrix ``G = X^T X``.
+def _linear_loss(linear: nn.Linear, inputs: Sequence[Tensor], weights: Sequence[Tensor] | None = None) -> LossFn:
+    """The same MSE for a block that is one linear, from the inputs' Gram matrix ``G = X^T W X``.
 
-    ``sum_t ||x_t dW^T||^2 = sum(dW G * dW)``: each alpha then costs in^2 x out instead of
+    ``sum_t w_t ||x_t dW^T||^2 = sum(dW G * dW)``: each alpha then costs in^2 x out instead of
     tokens x in x out, and every calibration token counts.
     """
-    gram, tokens = _gram(inputs)
+    gram, tokens = _gram(inputs, weights)
     reference = _wide(linear.weight).clone()
 
     def loss() -> float:
@@ -518,45 +529,65 @@ def _linear_loss(linear: nn.Linear, inputs: Sequence[Tensor]) -> LossFn:
     return loss
 
 
-def _gram(inputs: Sequence[Tensor]) -> tuple[Tensor, int]:
-    gram, tokens = None, 0
-    for x in inputs:
+def _gram(inputs: Sequence[Tensor], weights: Sequence[Tensor] | None = None) -> tuple[Tensor, float]:
+    """``sum_t w_t x_t^T x_t`` and ``sum_t w_t`` (every ``w_t = 1`` without weights)."""
+    gram, tokens = None, 0.0
+    for j, x in enumerate(inputs):
         flat = _wide(x.reshape(-1, x.shape[-1]))
-        part = flat.T @ flat
+        if weights is None:
+            part, count = flat.T @ flat, flat.shape[0]
+        else:
+            w = weights[j].reshape(-1, 1).to(flat.dtype)
+            part, count = (flat * w).T @ flat, float(w.sum())
         gram = part if gram is None else gram + part
-        tokens += flat.shape[0]
+        tokens += count
     assert gram is not None
     return gram, tokens
 
 
-def _spread(inputs: Sequence[Tensor], limit: int, per_token: bool) -> list[tuple[int, Tensor]]:
-    """(batch index, input) pairs holding about ``limit`` tokens, evenly spread over the inputs."""
+def weighted_rows(x: Tensor, weights: Tensor | None) -> Tensor:
+    """Rows of ``x`` scaled by ``sqrt(w / mean(w))``: a Gram matrix's mean over them is the weighted mean."""
+    if weights is None:
+        return x
+    w = weights.reshape(-1).to(_wide(x).dtype)
+    return _wide(x) * (w / w.mean()).sqrt().unsqueeze(-1)
+
+
+def _spread(inputs: Sequence[Tensor], limit: int, per_token: bool,
+            weights: Sequence[Tensor] | None = None) -> list[tuple[int, Tensor, Tensor | None]]:
+    """(batch index, input, its token weights) holding about ``limit`` tokens, evenly spread over the inputs."""
     total = sum(x.shape[:-1].numel() for x in inputs)
+    weight = (lambda j: None) if weights is None else (lambda j: weights[j])
     if total <= limit:
-        return list(enumerate(inputs))
+        return [(i, x, weight(i)) for i, x in enumerate(inputs)]
     if per_token:
         flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs])
-        return [(0, flat[::math.ceil(total / limit)])]
+        step = math.ceil(total / limit)
+        w = None if weights is None else torch.cat([w.reshape(-1) for w in weights])[::step]
+        return [(0, flat[::step], w)]
     keep = max(1, round(len(inputs) * limit / total))
     picks = sorted({round(j * (len(inputs) - 1) / max(1, keep - 1)) for j in range(keep)})
-    return [(i, inputs[i]) for i in picks]
+    return [(i, inputs[i], weight(i)) for i in picks]
 
 
 @torch.no_grad()
 def search_scales(group: ScaleGroup, inputs: Sequence[Tensor], run: BlockRunner,
-                  quantizer: WeightQuantizer, grid: int, search_tokens: int | None = None) -> ScaleSearch:
+                  quantizer: WeightQuantizer, grid: int, search_tokens: int | None = None,
+                  weights: Sequence[Tensor] | None = None) -> ScaleSearch:
     """Grid-search alpha for one group; the group's weights are restored before returning.
 
     A block that is a single linear is scored exactly on every token (``_linear_loss``) when that is
-    cheaper than running it; other blocks run on ``search_tokens`` tokens (None: all).
+    cheaper than running it; other blocks run on ``search_tokens`` tokens (None: all). ``weights``:
+    each token's weight in the loss, aligned with ``inputs`` (None: all equal).
     """
     x_mean = _abs_mean(inputs)
     tokens = sum(x.shape[:-1].numel() for x in inputs)
     single = group.linears == [group.inspect] and isinstance(group.inspect, nn.Linear)
     if single and group.inspect.in_features < tokens:
-        loss_of = _linear_loss(group.inspect, inputs)
+        loss_of = _linear_loss(group.inspect, inputs, weights)
     else:
-        loss_of = _block_loss(run, inputs, search_tokens or tokens, per_token=group.input_key != "attn")
+        loss_of = _block_loss(run, inputs, search_tokens or tokens, per_token=group.input_key != "attn",
+                              weights=weights)
     originals = [linear.weight.detach().clone() for linear in group.linears]
     tried: list[tuple[float, float, Tensor]] = []
     rejected = 0
@@ -669,27 +700,35 @@ def _decoder_parts(model: PreTrainedModel) -> tuple[nn.ModuleList, nn.Module | N
     return layers, getattr(decoder, "norm", None)
 
 
-def _calibration_batches(calibration: Sequence[Tensor], max_tokens: int, seq_len: int,
-                         device: torch.device) -> list[Tensor]:
-    """[1, T] id batches holding at most ``max_tokens`` tokens in all.
+def _calibration_batches(calibration: Sequence[Tensor], max_tokens: int, seq_len: int, device: torch.device,
+                         weights: Sequence[Tensor] | None = None) -> tuple[list[Tensor], list[Tensor] | None]:
+    """[1, T] id batches holding at most ``max_tokens`` tokens in all, and their token weights (if given).
 
     With ``seq_len > 0`` the samples are concatenated and cut into rows of ``seq_len`` tokens,
     as AutoAWQ does: short samples one by one would make per-call overhead dominate the search.
     Rows must be unpadded (no attention mask is passed).
     """
     rows: list[Tensor] = []
+    row_weights: list[Tensor] = []
     budget = max_tokens
-    for sample in calibration:
+    for index, sample in enumerate(calibration):
         ids = torch.as_tensor(sample)
         if ids.dim() == 1:
             ids = ids[None]
         if ids.dim() != 2 or ids.is_floating_point():
             raise InputError(f"awq: calibration items must be 1-D or [B, T] integer token ids, got {tuple(ids.shape)} "
                              f"{ids.dtype}")
-        for row in ids:
+        sample_weights = None
+        if weights is not None:
+            sample_weights = torch.as_tensor(weights[index], dtype=torch.float64).reshape(ids.shape)
+            if bool((sample_weights < 0).any()) or not bool(sample_weights.isfinite().all()):
+                raise InputError("awq: calibration token weights must be finite and >= 0")
+        for r, row in enumerate(ids):
             row = row[:budget]
             if row.numel():
                 rows.append(row.to(dtype=torch.long))
+                if sample_weights is not None:
+                    row_weights.append(sample_weights[r, :row.numel()])
                 budget -= row.numel()
             if budget <= 0:
                 break
@@ -697,9 +736,13 @@ def _calibration_batches(calibration: Sequence[Tensor], max_tokens: int, seq_len
             break
     if not rows:
         raise InputError("awq: calibration holds no tokens; pass at least one non-empty token sequence")
+    if row_weights and not float(torch.cat(row_weights).sum()) > 0:
+        raise InputError("awq: every calibration token weighs 0; give some tokens (the responses) a weight")
     if seq_len > 0:
         rows = list(torch.cat(rows).split(seq_len))
-    return [row[None].to(device) for row in rows]
+        row_weights = list(torch.cat(row_weights).split(seq_len)) if row_weights else []
+    batches = [row[None].to(device) for row in rows]
+    return batches, ([w[None].to(device) for w in row_weights] if weights is not None else None)
 
 
 def _check_group_size(model: PreTrainedModel, layers: nn.ModuleList, settings: AwqSettings) -> None:
@@ -768,9 +811,11 @@ class _Captured:
     outputs: list[Tensor]
     inputs: dict[str, list[Tensor]]
     attn_calls: list[Call]
+    weights: dict[str, list[Tensor]] | None = None  # token weights aligned with ``inputs`` (None: all equal)
 
 
-def _run_layer(layer: nn.Module, plan: _LayerPlan, hidden: Sequence[Tensor], calls: Sequence[Call]) -> _Captured:
+def _run_layer(layer: nn.Module, plan: _LayerPlan, hidden: Sequence[Tensor], calls: Sequence[Call],
+               weights: Sequence[Tensor] | None = None) -> _Captured:
     """Run the float layer once per batch, keeping its outputs and the inputs of every tap."""
     inputs: dict[str, list[Tensor]] = {key: [] for key in plan.taps}
     attn_calls: list[Call] = []
@@ -795,7 +840,10 @@ def _run_layer(layer: nn.Module, plan: _LayerPlan, hidden: Sequence[Tensor], cal
     for key in inputs:
         if key != "attn":
             inputs[key] = [torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs[key]])]
-    return _Captured(outputs, inputs, attn_calls)
+    if weights is None:
+        return _Captured(outputs, inputs, attn_calls)
+    flat = [torch.cat([w.reshape(-1) for w in weights])]
+    return _Captured(outputs, inputs, attn_calls, {key: list(weights) if key == "attn" else flat for key in inputs})
 
 
 def _runner(group: ScaleGroup, captured: _Captured) -> BlockRunner:
@@ -821,8 +869,9 @@ def _process(name: str, plan: _LayerPlan, captured: _Captured, settings: AwqSett
     skipped = list(plan.skipped)
     for group in plan.groups:
         xs = captured.inputs[group.input_key]
+        weights = captured.weights[group.input_key] if captured.weights else None
         found = search_scales(group, xs, _runner(group, captured), quantizer, settings.grid,
-                              settings.search_tokens or None)
+                              settings.search_tokens or None, weights)
         if found.rejected:
             skipped.append(f"{group.name}: {found.rejected} alphas rejected, the fold would lose precision in "
                            f"the previous op's dtype")
@@ -835,6 +884,8 @@ def _process(name: str, plan: _LayerPlan, captured: _Captured, settings: AwqSett
     if settings.clip:
         for target in plan.clips:
             x = torch.cat([x.reshape(-1, x.shape[-1]) for x in captured.inputs[target.input_key]])
+            if captured.weights:
+                x = weighted_rows(x, torch.cat([w.reshape(-1) for w in captured.weights[target.input_key]]))
             rows = target.linear.weight[target.rows]
             found_clip = search_clip(rows, x, quantizer, grid=settings.clip_grid, max_shrink=settings.clip_max_shrink)
             rows.copy_(found_clip.weight.to(rows.dtype))
@@ -849,20 +900,23 @@ def _model_device(model: PreTrainedModel) -> torch.device:
 
 @torch.no_grad()
 def apply_awq(model: PreTrainedModel, calibration: Sequence[Tensor], settings: AwqSettings | None = None,
-              progress: Callable[[int, int], None] | None = None) -> AwqReport:
+              progress: Callable[[int, int], None] | None = None,
+              token_weights: Sequence[Tensor] | None = None) -> AwqReport:
     """Scale (and clip) ``model``'s float weights in place for a following Rtn pass; see the module doc.
 
     ``calibration``: 1-D or [1, T] (or unpadded [B, T]) token-id tensors from the task's own
     data; at most ``settings.max_calibration_tokens`` tokens are used. ``progress(done, total)``
-    is called after each decoder layer (and the lm_head).
+    is called after each decoder layer (and the lm_head). ``token_weights``, shaped like
+    ``calibration``: each position's weight in the searches' output error (e.g. 1 where the next
+    token is a response token, less on the prompt); the channel statistics stay unweighted.
     """
     started = time.perf_counter()
     settings = settings or AwqSettings()
     settings.validate()
     layers, final_norm = _decoder_parts(model)
     _check_group_size(model, layers, settings)
-    batches = _calibration_batches(calibration, settings.max_calibration_tokens, settings.calibration_seq_len,
-                                   _model_device(model))
+    batches, batch_weights = _calibration_batches(calibration, settings.max_calibration_tokens,
+                                                  settings.calibration_seq_len, _model_device(model), token_weights)
     head_plan = plan_head(model, final_norm) if settings.lm_head else None
     total = len(layers) + (1 if head_plan is not None else 0)
 
@@ -873,7 +927,7 @@ def apply_awq(model: PreTrainedModel, calibration: Sequence[Tensor], settings: A
         reports: list[AwqLayerReport] = []
         for index, layer in enumerate(layers):
             plan = plan_layer(layer, model.config)
-            captured = _run_layer(layer, plan, hidden, calls[index])
+            captured = _run_layer(layer, plan, hidden, calls[index], batch_weights)
             # The next layer reads the float outputs, computed before this layer is changed.
             hidden = captured.outputs
             calls[index] = []
@@ -885,7 +939,9 @@ def apply_awq(model: PreTrainedModel, calibration: Sequence[Tensor], settings: A
             if head_plan.taps:
                 normed = [final_norm(h) if final_norm is not None else h for h in hidden]
                 sample = _token_sample(normed, HEAD_TOKENS)
-                captured = _Captured(outputs=[], inputs={"head": [sample]}, attn_calls=[])
+                weights = None if batch_weights is None else {"head": [_token_sample(
+                    [w.unsqueeze(-1) for w in batch_weights], HEAD_TOKENS).reshape(-1)]}
+                captured = _Captured(outputs=[], inputs={"head": [sample]}, attn_calls=[], weights=weights)
             else:
                 captured = _Captured(outputs=[], inputs={}, attn_calls=[])
             reports.append(_process("lm_head", head_plan, captured, settings))

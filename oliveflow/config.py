@@ -173,6 +173,11 @@ class QuantizeConfig(_Config):
         1 / 3, gt=0, le=1, description="Largest shipped size, as a share of the 16-bit model. The layers (and head) "
                                        "whose quantization costs the most response loss per byte, measured on the "
                                        "training data, keep 8 bits within it. Empty: every layer at the bits above.")
+    prompt_weight: float | None = Field(
+        None, ge=0, le=1, description="awq, awq+gptq: weight of prompt tokens, against 1 for response tokens, in the "
+                                      "error AWQ's scale search minimises; it then calibrates on the training "
+                                      "examples one by one. Empty: every token of the packed training text counts "
+                                      "the same.")
 
     @field_validator("group_size")
     @classmethod

@@ -376,7 +376,7 @@ class _AwqFirst:
 
     @classmethod
     def _default_config(cls, accelerator_spec):
-        from typing import Union
+        from typing import Optional, Union
 
         from olive.data.config import DataConfig
         from olive.passes.pass_config import PassConfigParam
@@ -393,6 +393,12 @@ class _AwqFirst:
                                     description="Search weight clipping too."),
             "max_calibration_tokens": PassConfigParam(type_=int, default_value=AwqSettings.max_calibration_tokens,
                                                       description="Calibration tokens used."),
+            "prompt_weight": PassConfigParam(type_=Optional[float], default_value=None,
+                                             description="Weight of prompt tokens (response tokens: 1) in the scale "
+                                                         "search's error; needs search_data_config. None: all 1."),
+            "search_data_config": PassConfigParam(type_=Optional[Union[DataConfig, dict]], default_value=None,
+                                                  description="Examples with response labels (the SFT transform) for "
+                                                              "the search, when prompt_weight is set."),
         }
 
     @torch.no_grad()
@@ -403,8 +409,20 @@ class _AwqFirst:
 
         from oliveflow.awq import AwqSettings, apply_awq
 
-        calibration = [torch.as_tensor(row["input_ids"]).reshape(1, -1)
-                       for row in get_calibration_dataset(model, config.data_config)]
+        weighted = config.prompt_weight is not None
+        if weighted and not config.search_data_config:
+            raise ValueError("prompt_weight needs search_data_config: examples with response labels")
+        if weighted:  # the SFT transform's rows are dicts with labels, not Olive's (inputs, labels) pairs
+            from olive.common.config_utils import validate_config
+            from olive.data.config import DataConfig
+
+            search = validate_config(config.search_data_config, DataConfig)
+            rows = list(search.to_data_container().create_dataloader())
+        else:
+            rows = get_calibration_dataset(model, config.data_config)
+        calibration = [torch.as_tensor(row["input_ids"]).reshape(1, -1) for row in rows]
+        weights = [response_weights(torch.as_tensor(row["labels"]).reshape(1, -1), config.prompt_weight)
+                   for row in rows] if weighted else None
         settings = AwqSettings(bits=int(config.bits), group_size=config.group_size, symmetric=config.sym,
                                grid=config.grid, clip=config.clip, lm_head=config.lm_head,
                                max_calibration_tokens=config.max_calibration_tokens,
@@ -421,7 +439,7 @@ class _AwqFirst:
                 bar.total = total
                 bar.update(done - bar.n)
 
-            report = apply_awq(loaded, [c.to(device) for c in calibration], settings, progress)
+            report = apply_awq(loaded, [c.to(device) for c in calibration], settings, progress, weights)
             bar.close()
             Path(output_model_path).mkdir(parents=True, exist_ok=True)
             saved = {k: v for k, v in report.to_dict().items() if k != "seconds"}  # identical runs, identical bytes
@@ -433,6 +451,16 @@ class _AwqFirst:
             return super()._run_for_config(model, config, output_model_path)
         finally:
             quant_utils.load_hf_base_model = original_load
+
+
+def response_weights(labels: torch.Tensor, prompt_weight: float) -> torch.Tensor:
+    """Per position: 1 where the *next* token is a response token (the position that predicts it), else
+    ``prompt_weight``. ``labels`` are the SFT transform's (IGNORE_INDEX outside the response)."""
+    from oliveflow.sft import IGNORE_INDEX
+
+    predicts = torch.zeros(labels.shape, dtype=torch.bool)
+    predicts[..., :-1] = labels[..., 1:] != IGNORE_INDEX
+    return torch.where(predicts, 1.0, float(prompt_weight)).to(torch.float64)
 
 
 def _layer_bits(overrides: dict | None) -> tuple[tuple[str, int], ...]:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from oliveflow import olive_runner
+from oliveflow.olive_runner import sft_data_config
 from oliveflow.config import FinetuneConfig
 from oliveflow.errors import StageError
 from oliveflow.memory import DoesNotFit, ModelShape, TrainingPlan, plan_training
@@ -29,22 +30,6 @@ from oliveflow.stages.data import read_examples
 
 ADAPTER_SUBDIR = "adapter"
 log = logging.getLogger(__name__)
-
-
-def sft_data_config(name: str, path: Path, model_dir: Path, template: str, max_seq_len: int, loss_on: str,
-                    batch_size: int) -> dict:
-    """An Olive data config: the JSONL file through this project's SFT transform (``olive_ext.sft_pre_process``)."""
-    from oliveflow import olive_ext
-
-    return {
-        "name": name,
-        "type": "HuggingfaceContainer",
-        "user_script": olive_ext.__file__,  # registers the component when the config is re-run with `olive run`
-        "load_dataset_config": {"data_name": "json", "data_files": [str(path)], "split": "train"},
-        "pre_process_data_config": {"type": olive_ext.SFT_PRE_PROCESS, "model_name": str(model_dir),
-                                    "template": template, "max_seq_len": max_seq_len, "loss_on": loss_on},
-        "dataloader_config": {"batch_size": batch_size},
-    }
 
 
 def olive_config(model: QuantizedModel, data: DataReport, template: str, config: FinetuneConfig,

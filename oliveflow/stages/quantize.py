@@ -18,7 +18,7 @@ from oliveflow import olive_runner
 from oliveflow.config import QuantizeConfig
 from oliveflow.errors import InputError
 from oliveflow.hashing import tree_size
-from oliveflow.olive_runner import jsonl_data_config
+from oliveflow.olive_runner import jsonl_data_config, sft_data_config
 from oliveflow.results import BaseModelRef, DataReport, QuantizedModel
 from oliveflow.stages import artifact_of
 
@@ -57,6 +57,11 @@ def olive_config(base: BaseModelRef, config: QuantizeConfig, data: DataReport | 
         workflow["data_configs"] = [jsonl_data_config("calibration", data.train_path, calibration_template(data), 512,
                                                       config.calibration_blocks)]
         qpass["data_config"] = "calibration"
+        if config.prompt_weight is not None and config.algorithm.startswith("awq"):
+            # AWQ's search reads the examples one by one, with response labels, to weight its error by token.
+            workflow["data_configs"].append(sft_data_config("awq_search", data.train_path, base.artifact.path,
+                                                            calibration_template(data), 512, "response", 1))
+            qpass.update(search_data_config="awq_search", prompt_weight=config.prompt_weight)
     workflow["passes"] = {"quantize": qpass}
     return workflow
 

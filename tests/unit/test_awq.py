@@ -196,9 +196,58 @@ def test_attention_blocks_are_scored_on_whole_rows_spread_over_the_calibration()
 
     rows = [torch.full((1, 512, 8), float(i)) for i in range(8)]  # 8 rows of 512 tokens, as AWQ packs them
     picked = _spread(rows, 1024, per_token=False)
-    assert [i for i, _ in picked] == [0, 7] and all(x.shape == (1, 512, 8) for _, x in picked)
-    assert [i for i, _ in _spread(rows, 2048, per_token=False)] == [0, 2, 5, 7]
+    assert [i for i, _, _ in picked] == [0, 7] and all(x.shape == (1, 512, 8) for _, x, _ in picked)
+    assert [i for i, _, _ in _spread(rows, 2048, per_token=False)] == [0, 2, 5, 7]
     assert len(_spread(rows, 10**6, per_token=False)) == 8
+    weights = [torch.full((1, 512), float(i)) for i in range(8)]
+    assert [float(w[0, 0]) for _, _, w in _spread(rows, 1024, per_token=False, weights=weights)] == [0.0, 7.0]
+
+
+def test_token_weights_weigh_each_tokens_error_in_every_loss():
+    """0/1 weights score exactly the tokens weighing 1; the Gram form and the block form agree with brute force."""
+    from oliveflow.awq import _block_loss, _linear_loss, weighted_rows
+
+    gen = torch.Generator().manual_seed(7)
+    linear = torch.nn.Linear(16, 8, bias=False).double()
+    x = torch.randn(40, 16, dtype=torch.float64, generator=gen)
+    w = (torch.rand(40, generator=gen) > 0.5).double() * 0.75 + 0.25  # 0.25 on "prompt", 1 on "response"
+    keep = torch.rand(40, generator=gen) > 0.4
+    binary = keep.double()
+    reference = linear.weight.detach().clone()
+    losses = {"weighted": _linear_loss(linear, [x], [w]), "binary": _linear_loss(linear, [x], [binary]),
+              "subset": _linear_loss(linear, [x[keep]]),
+              "block": _block_loss(lambda t, _: linear(t), [x], 10**6, per_token=True, weights=[binary])}
+    with torch.no_grad():
+        linear.weight.add_(torch.randn(8, 16, dtype=torch.float64, generator=gen) * 0.1)
+    error = ((x @ (linear.weight - reference).T) ** 2).sum(-1)
+    assert losses["weighted"]() == pytest.approx(float((error * w).sum() / (w.sum() * 8)), rel=1e-12)
+    assert losses["binary"]() == pytest.approx(losses["subset"](), rel=1e-12)
+    assert losses["block"]() == pytest.approx(losses["subset"](), rel=1e-12)
+    # The clip search's Gram mean over weighted rows is the weighted mean of x^T x.
+    rows = weighted_rows(x, w)
+    assert torch.allclose(rows.T @ rows / 40, (x * w[:, None]).T @ x / w.sum())
+
+
+def test_calibration_weights_follow_the_packing_and_bad_weights_are_refused():
+    from oliveflow.awq import _calibration_batches
+
+    ids = [torch.arange(5), torch.arange(10, 17)]
+    weights = [torch.tensor([0.0, 0, 1, 1, 1]), torch.tensor([0.0, 1, 1, 1, 1, 1, 0])]
+    batches, packed = _calibration_batches(ids, 10, 4, torch.device("cpu"), weights)
+    assert [b.tolist() for b in batches] == [[[0, 1, 2, 3]], [[4, 10, 11, 12]], [[13, 14]]]
+    assert [p.tolist() for p in packed] == [[[0, 0, 1, 1]], [[1, 0, 1, 1]], [[1, 1]]]
+    assert _calibration_batches(ids, 10, 4, torch.device("cpu"))[1] is None
+    with pytest.raises(InputError, match="weighs 0"):
+        _calibration_batches(ids, 10, 4, torch.device("cpu"), [torch.zeros(5), torch.zeros(7)])
+    with pytest.raises(InputError, match=">= 0"):
+        _calibration_batches(ids, 10, 4, torch.device("cpu"), [-torch.ones(5), torch.ones(7)])
+
+
+def test_response_weights_mark_the_positions_that_predict_response_tokens():
+    from oliveflow.olive_ext import response_weights
+
+    labels = torch.tensor([[-100, -100, -100, 7, 8, 9]])  # the response is the last three tokens
+    assert response_weights(labels, 0.25).tolist() == [[0.25, 0.25, 1.0, 1.0, 1.0, 0.25]]
 
 
 @pytest.mark.parametrize("symmetric", [True, False])

@@ -106,7 +106,7 @@ def test_olive_data_component_yields_the_same_examples(tokenizer, tiny_model_dir
     from olive.data.config import DataConfig
     from olive.passes.pytorch.train_utils import get_training_dataset
 
-    from oliveflow.stages.finetune import sft_data_config
+    from oliveflow.olive_runner import sft_data_config
 
     rows = [ROW, {"prompt": "Is Lisbon hilly?", "response": "Very: wear good shoes."}]
     path = tmp_path / "train.jsonl"

@@ -196,6 +196,29 @@ def test_other_quantizers_run_offline(algorithm, chain, tmp_path, monkeypatch):
     assert saved["passes"]["quantize"]["type"] == {"gptq": "Gptq", "rtn": "Rtn", "awq": "Awq"}[algorithm]
 
 
+def test_awq_weighted_by_response_tokens_calibrates_on_the_examples(chain, tmp_path):
+    """quantize.prompt_weight: AWQ's search reads the training examples one by one, prompt tokens weighed less;
+    the choice differs from the packed text's, and GPTQ keeps the packed text."""
+    from oliveflow.config import QuantizeConfig
+    from oliveflow.stages.quantize import quantize
+
+    alphas = {}
+    for weight in (None, 0.0):
+        config = QuantizeConfig(algorithm="awq+gptq", calibration_blocks=8, size_budget=None, prompt_weight=weight)
+        result = quantize(chain["base"], config, tmp_path / str(weight), data=chain["data"])
+        report = json.loads((result.model_dir / "awq_report.json").read_text())
+        alphas[weight] = [g["alpha"] for layer in report["layers"] for g in layer["groups"]]
+        saved = json.loads((result.artifact.path / CONFIG_FILE).read_text())
+        names = [d["name"] for d in saved["data_configs"]]
+        assert saved["passes"]["quantize"]["data_config"] == "calibration"
+        if weight is None:
+            assert names == ["calibration"] and "prompt_weight" not in saved["passes"]["quantize"]
+        else:
+            assert names == ["calibration", "awq_search"] and saved["passes"]["quantize"]["prompt_weight"] == 0.0
+            assert saved["data_configs"][1]["pre_process_data_config"]["loss_on"] == "response"
+    assert alphas[None] != alphas[0.0]
+
+
 def _with_nan(folder_src, folder_dst, pick):
     """A copy of a model folder whose first tensor (in name order) matching ``pick`` is all NaN."""
     import shutil
