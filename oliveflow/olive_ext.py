@@ -324,11 +324,36 @@ def _attach_adapter(quant_model: Any, adapter_dir: str) -> Any:
     return quant_model
 
 
+def legacy_rope_attributes(config: Any) -> Any:
+    """``config`` with the RoPE names the 0.14.1 builder reads (``rope_theta``, Gemma 3's ``rope_local_base_freq``).
+
+    transformers 5 keeps a model with one RoPE base per layer type in ``rope_parameters`` =
+    ``{"full_attention": {...}, "sliding_attention": {...}}`` and drops both names: the builder then failed on
+    Gemma 3 (no ``rope_local_base_freq``), and would have fallen back to base 10000 for the global layers.
+    """
+    per_type = getattr(config, "rope_parameters", None)
+    if not isinstance(per_type, dict) or not all(isinstance(v, dict) for v in per_type.values()):
+        return config
+    full, local = per_type.get("full_attention"), per_type.get("sliding_attention")
+    if full and "rope_theta" in full and not hasattr(config, "rope_theta"):
+        config.rope_theta = full["rope_theta"]
+    if local and "rope_theta" in local and not hasattr(config, "rope_local_base_freq"):
+        config.rope_local_base_freq = local["rope_theta"]
+    return config
+
+
 @contextlib.contextmanager
 def _adapter_aware_builder():
     # builder.py puts builders/ on sys.path, so its Model class lives in the top-level
     # module ``builders.base``; reach it the way Olive's own ModelBuilder patches do.
-    model_cls = importlib.import_module("onnxruntime_genai.models.builder").Model
+    builder = importlib.import_module("onnxruntime_genai.models.builder")
+    model_cls = builder.Model
+    auto_config = builder.AutoConfig
+
+    class _BuilderConfig:  # builder.create_model reads the model's config through this name
+        @staticmethod
+        def from_pretrained(*args: Any, **kwargs: Any) -> Any:
+            return legacy_rope_attributes(auto_config.from_pretrained(*args, **kwargs))
     original = model_cls.load_weights
 
     def load_weights(self, input_path):
@@ -351,11 +376,11 @@ def _adapter_aware_builder():
         excluded.extend(name for name in lora if name not in excluded)
         return original_to_int4(self)
 
-    model_cls.load_weights, model_cls.to_int4 = load_weights, to_int4
+    model_cls.load_weights, model_cls.to_int4, builder.AutoConfig = load_weights, to_int4, _BuilderConfig
     try:
         yield
     finally:
-        model_cls.load_weights, model_cls.to_int4 = original, original_to_int4
+        model_cls.load_weights, model_cls.to_int4, builder.AutoConfig = original, original_to_int4, auto_config
 
 
 class QuantModelBuilder(ModelBuilder):

@@ -30,13 +30,25 @@ def _build(kind: str, tokenizer_dir, folder):
                   pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
                   rope_parameters={"rope_type": "default", "rope_theta": 100000.0})
     torch.manual_seed(0)
-    model = (LlamaForCausalLM(LlamaConfig(**common)) if kind == "llama" else Qwen2ForCausalLM(Qwen2Config(**common)))
+    if kind == "gemma3":
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        # Gemma 3: tied head, (1 + w) norms, q/k norms, five sliding-window layers (a 16-token window here, so 40
+        # positions cross it) then one global layer, each with its own RoPE base.
+        config = Gemma3TextConfig(**{**common, "num_hidden_layers": 6, "head_dim": 32, "tie_word_embeddings": True,
+                                     "sliding_window": 16, "query_pre_attn_scalar": 32, "rope_parameters": {
+                                         "full_attention": {"rope_type": "default", "rope_theta": 100000.0},
+                                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}})
+        model = Gemma3ForCausalLM(config)
+    else:
+        model = (LlamaForCausalLM(LlamaConfig(**common)) if kind == "llama"
+                 else Qwen2ForCausalLM(Qwen2Config(**common)))
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])
 def test_chain_on_other_architecture(kind, tiny_model_dir, tmp_path):
     folder = _build(kind, tiny_model_dir, tmp_path / kind)
     data_config = DataConfig(train_path=TRAIN, eval_path=EVAL)
