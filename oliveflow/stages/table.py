@@ -53,10 +53,10 @@ def _quantize_key(base: BaseModelRef, config: QuantizeConfig, data: DataReport) 
     # plain rtn needs the model and config alone.
     calibrated = config.algorithm != "rtn" or config.size_budget is not None
     calibration = {"data": data.train_sha256, "fields": data.fields} if calibrated else None
-    # A calibrated quantizer's weights depend on the device it ran on (awq+gptq on one H200 and on a CPU agreed on
-    # a third of AWQ's choices): a GPU's result is not served to a CPU run, nor the reverse.
-    return dict(model=base.artifact.sha256, config=config, calibration=calibration,
-                device=quantize_device() if calibrated else None)
+    # The quantized weights depend on the device that made them: awq+gptq on one H200 and on a CPU agreed on a
+    # third of AWQ's choices, and even rtn scored 75.28 on the H200 against 73.78 on its CPU. A GPU's result is
+    # not served to a CPU run, nor the reverse.
+    return dict(model=base.artifact.sha256, config=config, calibration=calibration, device=quantize_device())
 
 
 def quantize_device() -> str:

@@ -172,8 +172,8 @@ def test_the_plan_is_saved_and_its_promotions_reach_the_graph(chain):
     assert any(b == 4 for b in bits.values())
 
 
-def test_a_calibrated_quantize_is_cached_per_device(chain, monkeypatch):
-    """The quantized weights of a calibrated quantizer depend on the device: its cache key names the device."""
+def test_the_quantize_stage_is_cached_per_device(chain, monkeypatch):
+    """The quantized weights depend on the device (rtn too: 75.28 on an H200, 73.78 on its CPU): the key names it."""
     import torch
 
     from oliveflow.stages.table import BY_NAME
@@ -187,4 +187,6 @@ def test_a_calibrated_quantize_is_cached_per_device(chain, monkeypatch):
     plain = {**arguments, "config": chain["qconfig"].model_copy(update={"algorithm": "rtn", "size_budget": None})}
     gpu_plain = stage.key("store", plain)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert stage.key("store", plain) == gpu_plain, "plain rtn is elementwise: the same on every device"
+    cpu_plain = stage.key("store", plain)
+    assert cpu_plain != gpu_plain
+    assert stage.key("store", arguments) == on_cpu and cpu_plain != on_cpu
