@@ -435,9 +435,9 @@ class _AwqFirst:
         from oliveflow.awq import AwqSettings, apply_awq
 
         weighted = config.prompt_weight is not None
-        if weighted and not config.search_data_config:
-            raise ValueError("prompt_weight needs search_data_config: examples with response labels")
         if weighted:  # the SFT transform's rows are dicts with labels, not Olive's (inputs, labels) pairs
+            if not config.search_data_config:
+                raise ValueError("prompt_weight needs search_data_config: examples with response labels")
             from olive.common.config_utils import validate_config
             from olive.data.config import DataConfig
 
@@ -481,11 +481,9 @@ class _AwqFirst:
 def response_weights(labels: torch.Tensor, prompt_weight: float) -> torch.Tensor:
     """Per position: 1 where the *next* token is a response token (the position that predicts it), else
     ``prompt_weight``. ``labels`` are the SFT transform's (IGNORE_INDEX outside the response)."""
-    from oliveflow.sft import IGNORE_INDEX
+    from oliveflow.sft import predicts_response
 
-    predicts = torch.zeros(labels.shape, dtype=torch.bool)
-    predicts[..., :-1] = labels[..., 1:] != IGNORE_INDEX
-    return torch.where(predicts, 1.0, float(prompt_weight)).to(torch.float64)
+    return torch.where(predicts_response(labels), 1.0, float(prompt_weight)).to(torch.float64)
 
 
 def _layer_bits(overrides: dict | None) -> tuple[tuple[str, int], ...]:

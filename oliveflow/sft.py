@@ -152,6 +152,16 @@ class HeldOutLoss:
         return math.exp(self.response_loss) if math.isfinite(self.response_loss) else math.inf
 
 
+def predicts_response(labels: Any) -> Any:
+    """True at each position whose *next* token is a response token (the logits there are scored); ``labels`` are
+    ``encode_example``'s as a tensor, IGNORE_INDEX outside the response."""
+    import torch
+
+    predicts = torch.zeros(labels.shape, dtype=torch.bool)
+    predicts[..., :-1] = labels[..., 1:] != IGNORE_INDEX
+    return predicts
+
+
 def held_out_loss(model: Any, examples: list[dict], pad_id: int, batch_size: int = 8) -> HeldOutLoss:
     """Losses of ``model`` on encoded examples, from one forward pass per batch."""
     import torch

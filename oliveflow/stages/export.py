@@ -44,6 +44,7 @@ def olive_config(model: QuantizedModel, adapter: Adapter, config: ExportConfig) 
 def export(model: QuantizedModel, adapter: Adapter, config: ExportConfig, out_dir: Path) -> OnnxModel:
     """Export ``model`` + ``adapter`` into ``out_dir/model`` (flat genai folder)."""
     from oliveflow.tied_head import share_embedding_with_head
+
     started = time.perf_counter()
     produced = Path(olive_runner.run_workflow(olive_config(model, adapter, config), out_dir, "export"))
     produced_dir = produced if produced.is_dir() else produced.parent

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 from oliveflow import olive_runner
-from oliveflow.olive_runner import sft_data_config
 from oliveflow.config import FinetuneConfig
 from oliveflow.errors import StageError
 from oliveflow.memory import DoesNotFit, ModelShape, TrainingPlan, plan_training
@@ -60,8 +59,8 @@ def olive_config(model: QuantizedModel, data: DataReport, template: str, config:
         lora["target_modules"] = list(config.target_modules)
     return {
         "input_model": {"type": "HfModel", "model_path": str(model.model_dir)},
-        "data_configs": [sft_data_config("train", data.train_path, model.model_dir, template, config.max_seq_len,
-                                         config.loss_on, plan.micro_batch_size)],
+        "data_configs": [olive_runner.sft_data_config("train", data.train_path, model.model_dir, template,
+                                                      config.max_seq_len, config.loss_on, plan.micro_batch_size)],
         "passes": {"finetune": lora},
         "log_severity_level": 1,
     }

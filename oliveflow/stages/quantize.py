@@ -72,7 +72,7 @@ def plan_precision(base: BaseModelRef, config: QuantizeConfig, data: DataReport)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from oliveflow import precision
-    from oliveflow.sft import IGNORE_INDEX, encode_rows
+    from oliveflow.sft import encode_rows, predicts_response
     from oliveflow.stages.data import read_examples
     from olive.common.quant.utils import WeightQuantizer
     from tqdm.auto import tqdm
@@ -81,8 +81,7 @@ def plan_precision(base: BaseModelRef, config: QuantizeConfig, data: DataReport)
     tokenizer = AutoTokenizer.from_pretrained(base.artifact.path)
     rows = read_examples(data.train_path, data.fields)[:SENSITIVITY_EXAMPLES]
     encoded, _ = encode_rows(tokenizer, calibration_template(data), rows, 512, "response")
-    examples = [(torch.tensor([e["input_ids"]]), torch.tensor(e["labels"][1:] + [IGNORE_INDEX]) != IGNORE_INDEX)
-                for e in encoded]
+    examples = [(torch.tensor([e["input_ids"]]), predicts_response(torch.tensor(e["labels"]))) for e in encoded]
     model = AutoModelForCausalLM.from_pretrained(base.artifact.path, dtype="auto", device_map=device)
     units = precision.units_of(model)
     quantizer = WeightQuantizer(bits=config.bits, symmetric=config.symmetric, group_size=config.group_size)
@@ -98,8 +97,8 @@ def plan_precision(base: BaseModelRef, config: QuantizeConfig, data: DataReport)
                                                     symmetric=config.symmetric, budget_bytes=budget,
                                                     fixed_bytes=fixed)
     plan = precision.PrecisionPlan(low_bits=config.bits, high_bits=precision.HIGH_BITS, budget_bytes=budget,
-                         size_16bit_bytes=size16, estimated_bytes=estimated, all_low_bytes=all_low,
-                         base_loss=base_loss, costs=costs, promoted=promoted, tokens=tokens)
+                                   size_16bit_bytes=size16, estimated_bytes=estimated, all_low_bytes=all_low,
+                                   base_loss=base_loss, costs=costs, promoted=promoted, tokens=tokens)
     if all_low > budget:
         log.warning("quantize: the model takes %.1f MB with every layer at %d bits, over the size budget %.1f MB "
                     "(%.2f of %.1f MB at 16 bits); no layer keeps 8 bits. Raise quantize.size_budget or "
