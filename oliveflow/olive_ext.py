@@ -13,7 +13,8 @@ adapter is trained against exactly the int4 grid that ends up in the ONNX graph:
   modules instead of calling ``PeftModel.from_pretrained`` on an object that is no
   ``nn.Module``. Base codes are copied, never re-quantized.
 
-Also registered: the ``oliveflow_sft`` data component (this project's SFT transform, ``oliveflow.sft``),
+Importing this module also makes Olive's ``WeightQuantizer.find_qparams`` give a GPU the same scales as a CPU
+(``find_qparams``). Also registered: the ``oliveflow_sft`` data component (this project's SFT transform, ``oliveflow.sft``),
 which feeds ``QuantLoRA``. ``QuantLoRA`` dequantizes each frozen ``QuantLinear`` once (``dequantize_once``),
 seeds the LoRA init, and stops at the first non-finite loss or gradient norm (``FiniteCheck``).
 
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 from olive.common.quant.hf_utils import OliveHfQuantizer
 from olive.common.quant.nn import QuantLinear
+from olive.common.quant.utils import WeightQuantizer
 from olive.package_config import OlivePackageConfig
 from olive.passes.onnx.model_builder import ModelBuilder
 from olive.passes.pytorch.lora import LoRA
@@ -135,6 +137,39 @@ def _register_sft_pre_process() -> None:
 _register_sft_pre_process()
 
 
+def find_qparams(self: WeightQuantizer, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Olive's ``WeightQuantizer.find_qparams`` (min/max scales and zero points), the same on every device.
+
+    Olive divides ``max - min`` by the Python int ``maxq - minq``. CUDA multiplies by the float32 reciprocal
+    of a Python number instead of dividing by it, which can be 1 ulp off the quotient a CPU computes. That ulp
+    decides a rounding tie in every symmetric group whose largest magnitude is negative: that weight sits at
+    exactly ``w / scale = -(2**bits - 1) / 2``, which rounds to the lowest code on a CPU and to the next one
+    with the larger GPU scale. On SmolLM2-135M at int4 g32, 1.1% of rtn's codes and 2% of its scales differed
+    between an H200 and its CPU. Here the divisor is a tensor: true division on both.
+    """
+    tensor, _ = self._reshape_tensor(tensor)
+    zero = tensor.new_zeros(())
+    min_val = torch.minimum(tensor.amin(-1), zero)
+    max_val = torch.maximum(tensor.amax(-1), zero)
+    if self.symmetric:
+        max_val = torch.maximum(min_val.abs(), max_val)
+        min_val = torch.where(min_val < 0, -max_val, min_val)
+    empty = (min_val == 0) & (max_val == 0)
+    min_val = torch.where(empty, -1.0, min_val)
+    max_val = torch.where(empty, 1.0, max_val)
+    levels = torch.tensor(self.maxq - self.minq, dtype=tensor.dtype, device=tensor.device)
+    scales = (max_val - min_val) / levels
+    if self.symmetric:
+        zero_points = torch.full_like(scales, self.midq)
+    else:
+        zero_points = torch.round(self.minq - min_val / scales)
+    return scales, zero_points.clamp(self.minq, self.maxq).to(torch.int32)
+
+
+OLIVE_FIND_QPARAMS = WeightQuantizer.__dict__["find_qparams"]  # Olive's own (the tests compare against it)
+WeightQuantizer.find_qparams = torch.no_grad()(find_qparams)
+
+
 def load_adapter(model: torch.nn.Module, adapter_dir: Path) -> Any:
     """``PeftModel.from_pretrained`` that also knows ``QuantLinear`` (the mapping is not saved with adapters)."""
     from peft import LoraConfig, PeftModel
@@ -194,12 +229,17 @@ class QuantLoRA(LoRA):
 
     @classmethod
     def _default_config(cls, accelerator_spec):
+        from typing import Optional
+
         from olive.passes.pass_config import PassConfigParam
 
         return {
             **super()._default_config(accelerator_spec),
             "float_base": PassConfigParam(type_=bool, default_value=True,
                                           description="Keep one float copy of the frozen int4 base (dequantize_once)."),
+            "error_init": PassConfigParam(type_=Optional[dict], default_value=None,
+                                          description="Start A and B from each layer's quantization error "
+                                                      "(oliveflow.lora_init): {base, model, examples} paths."),
         }
 
     @staticmethod
@@ -229,7 +269,14 @@ class QuantLoRA(LoRA):
         # Olive turns loss kwargs off (an old transformers issue); on, the Trainer divides the summed loss by the
         # tokens of the whole accumulated batch, so micro-batches x accumulation learn what one batch would.
         model.accepts_loss_kwargs = True
-        return get_peft_model(dequantize_once(model) if config.float_base else model, lora_config)
+        peft_model = get_peft_model(dequantize_once(model) if config.float_base else model, lora_config)
+        if config.error_init:
+            from oliveflow.lora_init import init_from_error
+
+            paths = config.error_init
+            init_from_error(peft_model, Path(paths["base"]), Path(paths["model"]),
+                            json.loads(Path(paths["examples"]).read_text()))
+        return peft_model
 
     def train_and_save_new_model(self, model, tokenizer, config, output_model, output_model_path):
         # Olive discards the Trainer's log history; keep it beside the adapter (loss per step).
@@ -433,6 +480,7 @@ class _AwqFirst:
         from tqdm.auto import tqdm
 
         from oliveflow.awq import AwqSettings, apply_awq
+        from oliveflow.lora_init import AWQ_TRANSFORMS, save_transforms
 
         weighted = config.prompt_weight is not None
         if weighted:  # the SFT transform's rows are dicts with labels, not Olive's (inputs, labels) pairs
@@ -469,6 +517,7 @@ class _AwqFirst:
             Path(output_model_path).mkdir(parents=True, exist_ok=True)
             saved = {k: v for k, v in report.to_dict().items() if k != "seconds"}  # identical runs, identical bytes
             (Path(output_model_path) / AWQ_REPORT).write_text(json.dumps(saved, indent=1, default=str))
+            save_transforms(Path(output_model_path) / AWQ_TRANSFORMS, report.transforms)  # for finetune.init error
             return loaded
 
         quant_utils.load_hf_base_model = load_and_scale

@@ -112,6 +112,7 @@ def plan_precision(base: BaseModelRef, config: QuantizeConfig, data: DataReport)
 def quantize(base: BaseModelRef, config: QuantizeConfig, out_dir: Path, *,
              data: DataReport | None = None) -> QuantizedModel:
     """Quantize ``base`` into ``out_dir/model``; the Olive config (and the precision plan) is saved beside it."""
+    from oliveflow import olive_ext  # noqa: F401  its find_qparams: the same scales on a GPU as on a CPU
     from oliveflow.tied_head import tie_embedding_to_head
 
     started = time.perf_counter()

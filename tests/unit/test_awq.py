@@ -127,6 +127,34 @@ def test_fake_quantize_is_olives_bit_for_bit(bits, symmetric, group_size, dtype)
     assert found.dtype == expected.dtype and torch.equal(found, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("bits", "symmetric", "group_size"),
+                         [(4, True, 32), (4, False, 32), (8, False, 128), (4, True, -1), (2, False, 0)])
+def test_find_qparams_is_olives_on_a_cpu_and_the_same_on_a_gpu(bits, symmetric, group_size, dtype):
+    """oliveflow's find_qparams (installed on Olive's WeightQuantizer) gives Olive's own scales and zero points
+    bit for bit on a CPU, and, where a GPU is present, the CPU's on the GPU too (Olive's own did not: it
+    divides by a Python number, which CUDA turns into a multiplication by its reciprocal)."""
+    from olive.common.quant.utils import WeightQuantizer
+
+    from oliveflow.olive_ext import OLIVE_FIND_QPARAMS
+
+    gen = torch.Generator().manual_seed(bits * 100 + group_size)
+    w = torch.randn(96, 256, generator=gen) * 0.05
+    w[:, :32] = w[:, :32].abs()  # a group with no negative weight
+    w[3, :128] = 0  # all-zero groups
+    w[5, 7] = -4.0  # a negative outlier: its group's largest magnitude, at a rounding tie
+    w = w.to(dtype)
+    quantizer = _quantizer(bits, symmetric, group_size)
+    assert WeightQuantizer.find_qparams is not OLIVE_FIND_QPARAMS
+    scales, zeros = quantizer.find_qparams(w)
+    olive_scales, olive_zeros = OLIVE_FIND_QPARAMS(quantizer, w)
+    assert torch.equal(scales, olive_scales) and torch.equal(zeros, olive_zeros)
+    if torch.cuda.is_available():
+        gpu_scales, gpu_zeros = quantizer.find_qparams(w.cuda())
+        assert torch.equal(gpu_scales.cpu(), scales) and torch.equal(gpu_zeros.cpu(), zeros)
+        assert torch.equal(quantizer.quantize(w.cuda(), gpu_scales, gpu_zeros).cpu(), quantizer.quantize(w, scales, zeros))
+
+
 def test_scaled_fake_quantize_is_q_of_ws_over_s():
     gen = torch.Generator().manual_seed(2)
     w = torch.randn(16, 64, dtype=torch.float64, generator=gen)
@@ -450,6 +478,25 @@ def test_apply_awq_without_clipping_keeps_the_float_function(arch):
         after = model(input_ids=ids).logits
     assert any(alpha > 0 for alpha in report.alphas.values()), report.alphas
     assert torch.allclose(after, before, rtol=0, atol=1e-5), (after - before).abs().max()
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_apply_awq_records_how_each_float_weight_was_scaled(arch):
+    """``report.transforms`` (what finetune.init error rebuilds the float weights from): every scaled linear's
+    new weight is ``diag(output_scale) @ W @ diag(input_scale)`` of its old one; the others did not change."""
+    model = _tiny(ARCHITECTURES[arch])
+    _plant_outliers(model)
+    before = {name: m.weight.detach().clone() for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    report = apply_awq(model, list(_ids(8, batch=4, length=64)), AwqSettings(clip=False))
+    assert report.transforms and set(report.transforms) <= set(before)
+    assert any("output_scale" in kinds for kinds in report.transforms.values()), "v->o or up->down folds"
+    for name, old in before.items():
+        new = dict(model.named_modules())[name].weight.detach()
+        kinds = report.transforms.get(name, {})
+        rebuilt = old * kinds.get("input_scale", torch.ones(old.shape[1], dtype=old.dtype))[None, :]
+        rebuilt = rebuilt * kinds.get("output_scale", torch.ones(old.shape[0], dtype=old.dtype))[:, None]
+        assert torch.allclose(rebuilt, new, rtol=1e-12, atol=0), (name, (rebuilt - new).abs().max())
+    assert "transforms" not in report.to_dict()
 
 
 # ---------------------------------------------------------------------------------------------
