@@ -79,6 +79,10 @@ def main() -> None:
     parser.add_argument("--default", default="awq+gptq", help="the quantizer the finetune part ships")
     parser.add_argument("--default-symmetric", type=int, default=1)
     parser.add_argument("--default-group", type=int, default=32)
+    parser.add_argument("--default-budget", type=float, help="the shipped size budget (default: QuantizeConfig's; "
+                                                             "0 for none: every layer at 4 bits)")
+    parser.add_argument("--finetune-overrides", default="{}",
+                        help='finetune: JSON of FinetuneConfig fields for every row, e.g. \'{"precision": "float32"}\'')
     parser.add_argument("--target-modules", nargs="+", help="finetune: LoRA target modules (default: Olive's)")
     parser.add_argument("--lora-r", type=int, help="finetune: LoRA rank (default: FinetuneConfig's)")
     parser.add_argument("--rows", nargs="+", default=["float", "shipped", "uniform", "reverse", "export"],
@@ -107,6 +111,8 @@ def main() -> None:
     data = validate_data(DataConfig())
     default = QuantizeConfig(algorithm=args.default, group_size=args.default_group,
                              symmetric=bool(args.default_symmetric))
+    if args.default_budget is not None:
+        default = default.model_copy(update={"size_budget": args.default_budget or None})
     base = resolve_model(args.model, default)
     template = resolve_template(DataConfig(), base.artifact.path)
 
@@ -210,7 +216,9 @@ def main() -> None:
         if "uniform" in args.rows:
             paths.append(("all 4-bit " + args.default,
                           run_quantize(default.model_copy(update={"size_budget": None}))["model"]))
-        lora = {"target_modules": args.target_modules} if args.target_modules else {}
+        lora = json.loads(args.finetune_overrides)
+        if args.target_modules:
+            lora["target_modules"] = args.target_modules
         if args.lora_r:
             lora["r"] = args.lora_r
         for seed in args.seeds:
@@ -218,6 +226,7 @@ def main() -> None:
                 started = time.perf_counter()
                 adapter = finetune(base, model, data, template, FinetuneConfig(seed=seed, **lora), folder("f"))
                 row = {"path": name, "seed": seed, "target_modules": args.target_modules, "lora_r": args.lora_r,
+                       "finetune_overrides": json.loads(args.finetune_overrides),
                        "size_bytes": model.size_after_bytes,
                        "response_ppl_before": adapter.response_ppl_quantized,
                        "response_ppl_after": adapter.response_ppl_finetuned,

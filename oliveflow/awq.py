@@ -140,13 +140,17 @@ class AwqReport:
     tokens: int
     layers: tuple[AwqLayerReport, ...]
     seconds: float
+    # module name -> {"input_scale", "output_scale"}: how each scaled linear's float weight was changed
+    transforms: dict[str, dict[str, Tensor]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def alphas(self) -> dict[str, float]:
         return {f"{layer.name}.{g.name}": g.alpha for layer in self.layers for g in layer.groups}
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        report = dataclasses.asdict(dataclasses.replace(self, transforms={}))
+        del report["transforms"]
+        return report
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,11 +312,34 @@ class ScaleGroup:
     input_key: str  # which captured input feeds ``inspect`` (see _LayerPlan.taps)
 
     @torch.no_grad()
-    def fold(self, scales: Tensor) -> None:
+    def fold(self, scales: Tensor, record: FoldRecord | None = None) -> None:
         self.prev.divide(scales)
         for linear in self.linears:
             weight = linear.weight
             weight.copy_((_wide(weight) * scales).to(weight.dtype))
+        if record is not None:
+            for linear in self.linears:
+                record.multiply(linear, "input_scale", scales)
+            if isinstance(self.prev, RowsFold):
+                record.multiply(self.prev.linear, "output_scale", 1 / _wide(scales), self.prev.rows)
+
+
+class FoldRecord:
+    """What the folds did to each linear's float weight: ``diag(output_scale) @ W @ diag(input_scale)``."""
+
+    def __init__(self) -> None:
+        self.scales: dict[nn.Module, dict[str, Tensor]] = {}
+
+    def multiply(self, linear: nn.Linear, kind: str, scales: Tensor, index: slice = slice(None)) -> None:
+        entry = self.scales.setdefault(linear, {})
+        if kind not in entry:
+            size = linear.in_features if kind == "input_scale" else linear.out_features
+            entry[kind] = torch.ones(size, dtype=torch.float64, device=scales.device)
+        entry[kind][index] *= _wide(scales)
+
+    def by_name(self, model: nn.Module) -> dict[str, dict[str, Tensor]]:
+        names = {module: name for name, module in model.named_modules()}
+        return {names[module]: kinds for module, kinds in self.scales.items()}
 
 
 @dataclass
@@ -862,7 +889,8 @@ def _token_sample(inputs: Sequence[Tensor], limit: int) -> Tensor:
     return flat[::step][:limit]
 
 
-def _process(name: str, plan: _LayerPlan, captured: _Captured, settings: AwqSettings) -> AwqLayerReport:
+def _process(name: str, plan: _LayerPlan, captured: _Captured, settings: AwqSettings,
+             record: FoldRecord | None = None) -> AwqLayerReport:
     """Search, fold and clip one layer's groups; the captured inputs follow each fold."""
     quantizer = settings.quantizer(name)
     groups: list[AwqGroupReport] = []
@@ -876,7 +904,7 @@ def _process(name: str, plan: _LayerPlan, captured: _Captured, settings: AwqSett
             skipped.append(f"{group.name}: {found.rejected} alphas rejected, the fold would lose precision in "
                            f"the previous op's dtype")
         if found.alpha > 0:
-            group.fold(found.scales)
+            group.fold(found.scales, record)
             captured.inputs[group.input_key] = [(_wide(x) / found.scales).to(x.dtype) for x in xs]
         groups.append(AwqGroupReport(name=group.name, alpha=found.alpha, loss_rtn=found.loss_rtn,
                                      loss_awq=found.loss_best))
@@ -922,6 +950,7 @@ def apply_awq(model: PreTrainedModel, calibration: Sequence[Tensor], settings: A
 
     was_training = model.training
     model.eval()
+    record = FoldRecord()
     try:
         hidden, calls = _capture_layer_inputs(model, layers, batches)
         reports: list[AwqLayerReport] = []
@@ -931,7 +960,7 @@ def apply_awq(model: PreTrainedModel, calibration: Sequence[Tensor], settings: A
             # The next layer reads the float outputs, computed before this layer is changed.
             hidden = captured.outputs
             calls[index] = []
-            reports.append(_process(f"layers.{index}", plan, captured, settings))
+            reports.append(_process(f"layers.{index}", plan, captured, settings, record))
             del captured
             if progress is not None:
                 progress(index + 1, total)
@@ -944,7 +973,7 @@ def apply_awq(model: PreTrainedModel, calibration: Sequence[Tensor], settings: A
                 captured = _Captured(outputs=[], inputs={"head": [sample]}, attn_calls=[], weights=weights)
             else:
                 captured = _Captured(outputs=[], inputs={}, attn_calls=[])
-            reports.append(_process("lm_head", head_plan, captured, settings))
+            reports.append(_process("lm_head", head_plan, captured, settings, record))
             if progress is not None:
                 progress(total, total)
     finally:
@@ -952,4 +981,4 @@ def apply_awq(model: PreTrainedModel, calibration: Sequence[Tensor], settings: A
 
     return AwqReport(bits=settings.bits, group_size=settings.group_size, symmetric=settings.symmetric,
                      samples=len(batches), tokens=sum(b.numel() for b in batches), layers=tuple(reports),
-                     seconds=time.perf_counter() - started)
+                     seconds=time.perf_counter() - started, transforms=record.by_name(model))

@@ -192,6 +192,9 @@ class FinetuneConfig(_Config):
     alpha: float | None = Field(None, gt=0, description="LoRA alpha (update scale is alpha / r). Empty: chosen by "
                                                      "model size (2 x r).")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    init: Literal["standard", "error"] = Field(
+        "standard", description="How A and B start: standard (PEFT's: B = 0), or error: the best rank-r copy of "
+                                "each adapted layer's quantization error, weighted by its inputs (LoftQ-style).")
     target_modules: list[str] | None = Field(
         None, description="Module names to adapt; empty uses Olive's default for the architecture.")
     loss_on: Literal["response", "all"] = Field(

@@ -28,11 +28,12 @@ from oliveflow.stages import artifact_of
 from oliveflow.stages.data import read_examples
 
 ADAPTER_SUBDIR = "adapter"
+ERROR_INIT_EXAMPLES = 16  # training examples the inputs' statistics are taken on (finetune.init error)
 log = logging.getLogger(__name__)
 
 
 def olive_config(model: QuantizedModel, data: DataReport, template: str, config: FinetuneConfig,
-                 plan: TrainingPlan) -> dict:
+                 plan: TrainingPlan, error_init: dict | None = None) -> dict:
     lora = {
         "type": "QuantLoRA",
         "train_data_config": "train",
@@ -57,6 +58,8 @@ def olive_config(model: QuantizedModel, data: DataReport, template: str, config:
     }
     if config.target_modules:
         lora["target_modules"] = list(config.target_modules)
+    if error_init:
+        lora["error_init"] = error_init
     return {
         "input_model": {"type": "HfModel", "model_path": str(model.model_dir)},
         "data_configs": [olive_runner.sft_data_config("train", data.train_path, model.model_dir, template,
@@ -166,9 +169,17 @@ def finetune(base: BaseModelRef, model: QuantizedModel, data: DataReport, templa
                          f"{config.max_seq_len}; raise finetune.max_seq_len")
     plan = plan_memory(model, config, max(len(e["input_ids"]) for e in train))
     log.info("finetune: %s", plan.describe())
+    error_init = None
+    if config.init == "error":
+        # The statistics of each layer's inputs are taken on the first training examples.
+        examples = out_dir / "init_examples.json"
+        examples.write_text(json.dumps([e["input_ids"] for e in train[:ERROR_INIT_EXAMPLES]]))
+        error_init = {"base": str(base.artifact.path), "model": str(model.model_dir), "examples": str(examples)}
     with gpu_memory_cap(config.gpu_memory_gb):
-        produced = olive_runner.run_workflow(olive_config(model, data, template, config, plan), out_dir,
+        produced = olive_runner.run_workflow(olive_config(model, data, template, config, plan, error_init), out_dir,
                                              "finetune")
+    if error_init:
+        Path(error_init["examples"]).unlink()
     # Olive writes a copy of the base next to the adapter; only the adapter is kept.
     shutil.move(str(Path(produced).parent / "adapter"), out_dir / ADAPTER_SUBDIR)
     olive_runner.cleanup(out_dir)
