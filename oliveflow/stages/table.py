@@ -53,10 +53,11 @@ def _quantize_key(base: BaseModelRef, config: QuantizeConfig, data: DataReport) 
     # plain rtn needs the model and config alone.
     calibrated = config.algorithm != "rtn" or config.size_budget is not None
     calibration = {"data": data.train_sha256, "fields": data.fields} if calibrated else None
-    # The quantized weights depend on the device that made them: awq+gptq on one H200 and on a CPU agreed on a
-    # third of AWQ's choices, and even rtn scored 75.28 on the H200 against 73.78 on its CPU. A GPU's result is
-    # not served to a CPU run, nor the reverse.
-    return dict(model=base.artifact.sha256, config=config, calibration=calibration, device=quantize_device())
+    # What calibrates depends on the device that ran it (float32 sums in another order move AWQ's and GPTQ's
+    # choices, and the plan's measured costs): a GPU's result is not served to a CPU run, nor the reverse.
+    # Plain rtn gives the same codes on both (olive_ext.find_qparams) and shares one entry.
+    return dict(model=base.artifact.sha256, config=config, calibration=calibration,
+                device=quantize_device() if calibrated else None)
 
 
 def quantize_device() -> str:

@@ -54,7 +54,8 @@ def test_full_rank_reproduces_the_error_and_no_error_gives_nothing():
 def test_error_init_starts_the_adapter_at_the_quantization_error(chain, tmp_path):
     """One step at a negligible learning rate leaves the adapter as it started: with ``init error`` the tiny
     model's logits move toward the float model's, with ``standard`` they do not move; the stage leaves no
-    example file behind and the Olive config names the float base."""
+    example file behind and the Olive config names the float base. In float32 on every device (a GPU trains in
+    bfloat16 by default, which rounds the copy: 0.8% closer there, against the 1% asked here)."""
     import json
 
     from olive.model import HfModelHandler
@@ -74,7 +75,7 @@ def test_error_init_starts_the_adapter_at_the_quantization_error(chain, tmp_path
         out = tmp_path / init
         out.mkdir()
         adapter = finetune(base, quantized, chain["data"], chain["template"],
-                           FinetuneConfig(max_steps=1, learning_rate=1e-12, init=init), out)
+                           FinetuneConfig(max_steps=1, learning_rate=1e-12, init=init, precision="float32"), out)
         assert not (out / "init_examples.json").exists()
         saved = json.loads((out / CONFIG_FILE).read_text())["passes"]["finetune"]
         assert ("error_init" in saved) == (init == "error")
