@@ -60,6 +60,8 @@ def olive_config(model: QuantizedModel, data: DataReport, template: str, config:
         lora["target_modules"] = list(config.target_modules)
     if error_init:
         lora["error_init"] = error_init
+    if config.frame == "float":
+        lora["float_frame"] = str(model.model_dir)
     return {
         "input_model": {"type": "HfModel", "model_path": str(model.model_dir)},
         "data_configs": [olive_runner.sft_data_config("train", data.train_path, model.model_dir, template,

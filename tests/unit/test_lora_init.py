@@ -106,3 +106,38 @@ def test_float_weights_follow_awqs_scales_and_refuse_another_model(tmp_path):
         FloatWeights(base, model)("layers.0.q", (4, 4), torch.device("cpu"), torch.float64)
     with pytest.raises(ValueError, match="has no layers.0.k.weight"):
         FloatWeights(base, model)("layers.0.k", (3, 4), torch.device("cpu"), torch.float64)
+
+
+def test_a_float_frame_lora_is_the_same_plain_lora_once_folded():
+    """finetune.frame float: while training, the update is diag(rows) @ B @ A @ diag(columns) on the quantized
+    layer's input; folded, A and B alone give that same update (what is saved and exported)."""
+    from olive.common.quant.nn import QuantLinear
+    from peft import LoraConfig, get_peft_model
+
+    from oliveflow.olive_ext import QuantLinearLora
+
+    torch.manual_seed(0)
+    holder = torch.nn.Module()
+    holder.norm = torch.nn.LayerNorm(64)  # PEFT reads the device from the first parameter
+    holder.q_proj = QuantLinear.from_module(torch.nn.Linear(64, 48, bias=False), bits=4, symmetric=True, group_size=32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])
+    config._register_custom_module({QuantLinear: QuantLinearLora})
+    model = get_peft_model(holder, config)
+    layer = model.base_model.model.q_proj
+    assert isinstance(layer, QuantLinearLora)
+    columns, rows = torch.rand(64) + 0.5, torch.rand(48) + 0.5
+    layer.set_frame(columns, rows)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    x = torch.randn(5, 64)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    with torch.no_grad():
+        base = layer.base_layer(x)
+        framed = layer(x)
+        expected = base + 2.0 * (x * columns) @ a.T @ b.T * rows
+        layer.fold_frame()
+        folded = layer(x)
+    assert torch.allclose(framed, expected, atol=1e-5)
+    assert layer.frame is None and torch.allclose(folded, framed, atol=1e-5)
+    assert torch.allclose(folded - base, 2.0 * x @ layer.lora_A["default"].weight.T @ layer.lora_B["default"].weight.T,
+                          atol=1e-5)
