@@ -195,10 +195,6 @@ class FinetuneConfig(_Config):
     init: Literal["standard", "error"] = Field(
         "standard", description="How A and B start: standard (PEFT's: B = 0), or error: the best rank-r copy of "
                                 "each adapted layer's quantization error, weighted by its inputs (LoftQ-style).")
-    frame: Literal["quantized", "float"] = Field(
-        "quantized", description="Where A and B train: quantized (on the quantized layer's inputs and outputs), or "
-                                 "float: with the scales AWQ folded into each layer put around them, so each step "
-                                 "weighs the channels as a LoRA on the float model would (folded in at the end).")
     target_modules: list[str] | None = Field(
         None, description="Module names to adapt; empty uses Olive's default for the architecture.")
     loss_on: Literal["response", "all"] = Field(

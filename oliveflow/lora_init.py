@@ -138,35 +138,11 @@ def init_from_error(model: nn.Module, base_dir: Path, model_dir: Path, examples:
         dtype = torch.float64 if quant_weight.device.type == "cpu" else torch.float32
         found = low_rank_error(float_weight(name, quant_weight.shape, quant_weight.device, dtype), quant_weight,
                                mean_squares[name], layer.r[adapter])
-        a, b = found.a, found.b
-        if layer.frame is not None:  # the layer adds diag(rows) @ B @ A @ diag(columns)
-            columns, rows = layer.frame
-            a = a if columns is None else a / columns.to(a)[None, :]
-            b = b if rows is None else b / rows.to(b)[:, None]
         root = math.sqrt(layer.scaling[adapter])  # the layer adds scaling * b @ a
-        for linear, value in ((layer.lora_A[adapter], a), (layer.lora_B[adapter], b)):
+        for linear, value in ((layer.lora_A[adapter], found.a), (layer.lora_B[adapter], found.b)):
             linear.weight.copy_((value / root).to(linear.weight.dtype))
         kept[name] = found.kept
     log.info("finetune: LoRA starts from the quantization error of %d layers (%.1f%% of its input-weighted "
              "energy on average)", len(kept), 100 * sum(kept.values()) / len(kept))
     return kept
 
-
-def set_float_frame(model: nn.Module, model_dir: Path) -> int:
-    """Put AWQ's recorded scales (``model_dir``'s ``AWQ_TRANSFORMS``) around the A and B of every LoRA layer over
-    a scaled linear (``QuantLinearLora.set_frame``); returns how many layers got a frame."""
-    from oliveflow.olive_ext import QuantLinearLora
-
-    path = Path(model_dir) / AWQ_TRANSFORMS
-    transforms = load_file(str(path)) if path.is_file() else {}
-    framed = 0
-    for name, module in model.named_modules():
-        if not isinstance(module, QuantLinearLora):
-            continue
-        key = name.removeprefix("base_model.model.")
-        columns, rows = (transforms.get(f"{key}.{kind}") for kind in ("input_scale", "output_scale"))
-        if columns is not None or rows is not None:
-            module.set_frame(columns, rows)
-            framed += 1
-    log.info("finetune: %d LoRA layers train in the float model's frame (AWQ's scales around A and B)", framed)
-    return framed

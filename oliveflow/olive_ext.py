@@ -14,9 +14,10 @@ adapter is trained against exactly the int4 grid that ends up in the ONNX graph:
   ``nn.Module``. Base codes are copied, never re-quantized.
 
 Importing this module also makes Olive's ``WeightQuantizer.find_qparams`` give a GPU the same scales as a CPU
-(``find_qparams``). Also registered: the ``oliveflow_sft`` data component (this project's SFT transform, ``oliveflow.sft``),
-which feeds ``QuantLoRA``. ``QuantLoRA`` dequantizes each frozen ``QuantLinear`` once (``dequantize_once``),
-seeds the LoRA init, and stops at the first non-finite loss or gradient norm (``FiniteCheck``).
+(``find_qparams``). Also registered: the ``oliveflow_sft`` data component (this project's SFT transform,
+``oliveflow.sft``), which feeds ``QuantLoRA``. ``QuantLoRA`` dequantizes each frozen ``QuantLinear`` once
+(``dequantize_once``), seeds the LoRA init (or starts it from the quantization error, ``oliveflow.lora_init``),
+and stops at the first non-finite loss or gradient norm (``FiniteCheck``).
 
 ``package_config()`` is Olive's pass table with these passes added; workflow configs name them by type.
 """
@@ -193,48 +194,18 @@ class QuantLinearLora(torch.nn.Module, LoraLayer):
         self.in_features, self.out_features = quant.cols, quant.rows
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
-        # finetune.frame float: the scales AWQ folded into this layer's weight, put around A and B while training
-        # (set_frame) and folded into them after it (fold_frame).
-        self.frame: tuple[torch.Tensor | None, torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x)
         if self.disable_adapters:
             return result
-        columns, rows = self.frame or (None, None)
         for name in self.active_adapters:
             if name not in self.lora_A:
                 continue
             lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-            x_in = self.lora_dropout[name](x.to(lora_A.weight.dtype))
-            update = lora_B(lora_A(x_in if columns is None else x_in * columns.to(x_in.dtype)))
-            if rows is not None:
-                update = update * rows.to(update.dtype)
+            update = lora_B(lora_A(self.lora_dropout[name](x.to(lora_A.weight.dtype))))
             result = result + (update * self.scaling[name]).to(result.dtype)
         return result
-
-    def set_frame(self, columns: torch.Tensor | None, rows: torch.Tensor | None) -> None:
-        """Train A and B in the float model's frame: the update is ``diag(rows) @ B @ A @ diag(columns)``, the
-        scales AWQ folded into the base weight (``W' = diag(rows) W diag(columns)``), so each optimizer step
-        weighs the input channels as a LoRA on the float model would. Set right after PEFT made the layer (B = 0,
-        A random as for a float LoRA)."""
-        device = self.get_base_layer().qweight.device
-        self.frame = tuple(None if t is None else t.to(device=device, dtype=torch.float32) for t in (columns, rows))
-
-    @torch.no_grad()
-    def fold_frame(self) -> None:
-        """A plain LoRA again, with the same update: the frame's scales multiplied into A's columns and B's rows."""
-        if self.frame is None:
-            return
-        columns, rows = self.frame
-        for name in self.lora_A:
-            if columns is not None:
-                weight = self.lora_A[name].weight
-                weight.copy_((weight.float() * columns[None, :]).to(weight.dtype))
-            if rows is not None:
-                weight = self.lora_B[name].weight
-                weight.copy_((weight.float() * rows[:, None]).to(weight.dtype))
-        self.frame = None
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
@@ -270,9 +241,6 @@ class QuantLoRA(LoRA):
             "error_init": PassConfigParam(type_=Optional[dict], default_value=None,
                                           description="Start A and B from each layer's quantization error "
                                                       "(oliveflow.lora_init): {base, model, examples} paths."),
-            "float_frame": PassConfigParam(type_=Optional[str], default_value=None,
-                                           description="The quantized model's folder: train A and B in the float "
-                                                       "frame of the AWQ scales recorded there (set_frame)."),
         }
 
     @staticmethod
@@ -303,10 +271,6 @@ class QuantLoRA(LoRA):
         # tokens of the whole accumulated batch, so micro-batches x accumulation learn what one batch would.
         model.accepts_loss_kwargs = True
         peft_model = get_peft_model(dequantize_once(model) if config.float_base else model, lora_config)
-        if config.float_frame:
-            from oliveflow.lora_init import set_float_frame
-
-            set_float_frame(peft_model, Path(config.float_frame))
         if config.error_init:
             from oliveflow.lora_init import init_from_error
 
@@ -326,13 +290,9 @@ class QuantLoRA(LoRA):
             trainer.args.logging_nan_inf_filter = False  # a NaN loss must be seen, not averaged away
             trainer.add_callback(FiniteCheck())
             try:
-                output = original_train(trainer, *args, **kwargs)
+                return original_train(trainer, *args, **kwargs)
             finally:
                 history.extend(trainer.state.log_history)
-            for module in trainer.model.modules():  # before Olive saves the adapter
-                if isinstance(module, QuantLinearLora):
-                    module.fold_frame()
-            return output
 
         transformers.Trainer.train = train
         try:

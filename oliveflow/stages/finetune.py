@@ -60,8 +60,6 @@ def olive_config(model: QuantizedModel, data: DataReport, template: str, config:
         lora["target_modules"] = list(config.target_modules)
     if error_init:
         lora["error_init"] = error_init
-    if config.frame == "float":
-        lora["float_frame"] = str(model.model_dir)
     return {
         "input_model": {"type": "HfModel", "model_path": str(model.model_dir)},
         "data_configs": [olive_runner.sft_data_config("train", data.train_path, model.model_dir, template,
@@ -177,11 +175,13 @@ def finetune(base: BaseModelRef, model: QuantizedModel, data: DataReport, templa
         examples = out_dir / "init_examples.json"
         examples.write_text(json.dumps([e["input_ids"] for e in train[:ERROR_INIT_EXAMPLES]]))
         error_init = {"base": str(base.artifact.path), "model": str(model.model_dir), "examples": str(examples)}
-    with gpu_memory_cap(config.gpu_memory_gb):
-        produced = olive_runner.run_workflow(olive_config(model, data, template, config, plan, error_init), out_dir,
-                                             "finetune")
-    if error_init:
-        Path(error_init["examples"]).unlink()
+    try:
+        with gpu_memory_cap(config.gpu_memory_gb):
+            produced = olive_runner.run_workflow(olive_config(model, data, template, config, plan, error_init),
+                                                 out_dir, "finetune")
+    finally:
+        if error_init:
+            Path(error_init["examples"]).unlink()
     # Olive writes a copy of the base next to the adapter; only the adapter is kept.
     shutil.move(str(Path(produced).parent / "adapter"), out_dir / ADAPTER_SUBDIR)
     olive_runner.cleanup(out_dir)

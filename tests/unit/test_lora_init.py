@@ -53,8 +53,8 @@ def test_full_rank_reproduces_the_error_and_no_error_gives_nothing():
 
 def test_error_init_starts_the_adapter_at_the_quantization_error(chain, tmp_path):
     """One step at a negligible learning rate leaves the adapter as it started: with ``init error`` the tiny
-    model's logits move toward the float model's, with ``standard`` they do not move; the stage leaves no
-    example file behind and the Olive config names the float base. In float32 on every device (a GPU trains in
+    model's logits are closer to the float model's with the adapter than without; the stage leaves no example
+    file behind and the Olive config names the float base. In float32 on every device (a GPU trains in
     bfloat16 by default, which rounds the copy: 0.8% closer there, against the 1% asked here)."""
     import json
 
@@ -70,23 +70,19 @@ def test_error_init_starts_the_adapter_at_the_quantization_error(chain, tmp_path
     ids = torch.tensor([list(range(3, 40))])
     with torch.no_grad():
         target = AutoModelForCausalLM.from_pretrained(base.artifact.path, dtype=torch.float32)(input_ids=ids).logits
-    gaps = {}
-    for init in ("standard", "error"):
-        out = tmp_path / init
-        out.mkdir()
-        adapter = finetune(base, quantized, chain["data"], chain["template"],
-                           FinetuneConfig(max_steps=1, learning_rate=1e-12, init=init, precision="float32"), out)
-        assert not (out / "init_examples.json").exists()
-        saved = json.loads((out / CONFIG_FILE).read_text())["passes"]["finetune"]
-        assert ("error_init" in saved) == (init == "error")
-        tuned = load_adapter(HfModelHandler(model_path=str(quantized.model_dir)).load_model(), adapter.adapter_dir)
-        with torch.no_grad():
-            with tuned.disable_adapter():
-                plain = tuned(input_ids=ids).logits
-            gaps[init] = (float((plain - target).square().mean()), float((tuned(input_ids=ids).logits - target
-                                                                          ).square().mean()))
-    assert gaps["standard"][1] == pytest.approx(gaps["standard"][0], rel=1e-6)
-    assert gaps["error"][1] < 0.99 * gaps["error"][0], gaps
+    adapter = finetune(base, quantized, chain["data"], chain["template"],
+                       FinetuneConfig(max_steps=1, learning_rate=1e-12, init="error", precision="float32"), tmp_path)
+    assert not (tmp_path / "init_examples.json").exists()
+    saved = json.loads((tmp_path / CONFIG_FILE).read_text())["passes"]["finetune"]
+    assert saved["error_init"]["base"] == str(base.artifact.path)
+    tuned = load_adapter(HfModelHandler(model_path=str(quantized.model_dir)).load_model(), adapter.adapter_dir)
+    with torch.no_grad():
+        with tuned.disable_adapter():
+            without = float((tuned(input_ids=ids).logits - target).square().mean())
+        with_adapter = float((tuned(input_ids=ids).logits - target).square().mean())
+    assert with_adapter < 0.99 * without, (with_adapter, without)
+    # PEFT's init has B = 0, and one step at 1e-12 moves it by about 1e-12: B is the copy's.
+    assert max(float(t.abs().max()) for n, t in tuned.named_parameters() if "lora_B" in n) > 1e-4
 
 
 def test_float_weights_follow_awqs_scales_and_refuse_another_model(tmp_path):
@@ -107,37 +103,3 @@ def test_float_weights_follow_awqs_scales_and_refuse_another_model(tmp_path):
     with pytest.raises(ValueError, match="has no layers.0.k.weight"):
         FloatWeights(base, model)("layers.0.k", (3, 4), torch.device("cpu"), torch.float64)
 
-
-def test_a_float_frame_lora_is_the_same_plain_lora_once_folded():
-    """finetune.frame float: while training, the update is diag(rows) @ B @ A @ diag(columns) on the quantized
-    layer's input; folded, A and B alone give that same update (what is saved and exported)."""
-    from olive.common.quant.nn import QuantLinear
-    from peft import LoraConfig, get_peft_model
-
-    from oliveflow.olive_ext import QuantLinearLora
-
-    torch.manual_seed(0)
-    holder = torch.nn.Module()
-    holder.norm = torch.nn.LayerNorm(64)  # PEFT reads the device from the first parameter
-    holder.q_proj = QuantLinear.from_module(torch.nn.Linear(64, 48, bias=False), bits=4, symmetric=True, group_size=32)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])
-    config._register_custom_module({QuantLinear: QuantLinearLora})
-    model = get_peft_model(holder, config)
-    layer = model.base_model.model.q_proj
-    assert isinstance(layer, QuantLinearLora)
-    columns, rows = torch.rand(64) + 0.5, torch.rand(48) + 0.5
-    layer.set_frame(columns, rows)
-    with torch.no_grad():
-        layer.lora_B["default"].weight.normal_()
-    x = torch.randn(5, 64)
-    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    with torch.no_grad():
-        base = layer.base_layer(x)
-        framed = layer(x)
-        expected = base + 2.0 * (x * columns) @ a.T @ b.T * rows
-        layer.fold_frame()
-        folded = layer(x)
-    assert torch.allclose(framed, expected, atol=1e-5)
-    assert layer.frame is None and torch.allclose(folded, framed, atol=1e-5)
-    assert torch.allclose(folded - base, 2.0 * x @ layer.lora_A["default"].weight.T @ layer.lora_B["default"].weight.T,
-                          atol=1e-5)
