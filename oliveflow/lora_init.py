@@ -22,6 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from oliveflow.tied_head import tensor_file
+
 # Written by the quantize stage beside an AWQ-scaled model: "<module>.input_scale" multiplies the float
 # weight's columns, "<module>.output_scale" its rows. Safetensors inside, but not named *.safetensors: loaders
 # and the stage's size count take every such file for model weights.
@@ -42,19 +44,16 @@ class FloatWeights:
 
     def __init__(self, base_dir: Path, model_dir: Path):
         self.base_dir = Path(base_dir)
-        self.where: dict[str, Path] = {}
-        for file in sorted(self.base_dir.glob("*.safetensors")):
-            with safe_open(str(file), "pt") as handle:
-                self.where.update(dict.fromkeys(handle.keys(), file))
         transforms = Path(model_dir) / AWQ_TRANSFORMS
         self.transforms = load_file(str(transforms)) if transforms.is_file() else {}
 
     def __call__(self, name: str, shape: tuple[int, int], device: torch.device, dtype: torch.dtype) -> Tensor:
         key = f"{name}.weight"
-        if key not in self.where:
+        file = tensor_file(self.base_dir, key)
+        if file is None:
             raise ValueError(f"the float base {self.base_dir} has no {key}; finetune.init error needs the model "
                              "the quantized one was made from (or set finetune.init standard)")
-        with safe_open(str(self.where[key]), "pt") as handle:
+        with safe_open(str(file), "pt") as handle:
             weight = handle.get_tensor(key).to(device=device, dtype=dtype)
         if tuple(weight.shape) != tuple(shape):
             raise ValueError(f"{key} is {tuple(weight.shape)} in the float base {self.base_dir} and {tuple(shape)} "

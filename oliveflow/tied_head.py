@@ -22,7 +22,8 @@ EMBEDDING = "model.embed_tokens.weight"
 HEAD = "lm_head"
 
 
-def _find(model_dir: Path, key: str) -> Path | None:
+def tensor_file(model_dir: Path, key: str) -> Path | None:
+    """The ``*.safetensors`` file of ``model_dir`` that holds ``key``, or None."""
     from safetensors import safe_open
 
     for path in sorted(model_dir.glob("*.safetensors")):
@@ -37,7 +38,7 @@ def head_grid(model_dir: Path) -> torch.Tensor | None:
     from olive.common.quant.utils import WeightQuantizer, unpack_from_uint8
     from safetensors import safe_open
 
-    path = _find(model_dir, f"{HEAD}.qweight")
+    path = tensor_file(model_dir, f"{HEAD}.qweight")
     if path is None:
         return None
     config = json.loads((model_dir / "config.json").read_text())["quantization_config"]
@@ -65,7 +66,7 @@ def tie_embedding_to_head(model_dir: Path) -> int:
     from safetensors.torch import load_file, save_file
 
     grid = head_grid(model_dir)
-    path = _find(model_dir, EMBEDDING)
+    path = tensor_file(model_dir, EMBEDDING)
     if grid is None or path is None:
         return 0
     tensors = load_file(str(path))
