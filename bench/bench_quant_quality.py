@@ -23,6 +23,7 @@ Parts (each written to ``OUT/quant-quality-<part>-<tag>.json`` as soon as it end
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -82,7 +83,8 @@ def main() -> None:
     parser.add_argument("--default-budget", type=float, help="the shipped size budget (default: QuantizeConfig's; "
                                                              "0 for none: every layer at 4 bits)")
     parser.add_argument("--finetune-overrides", default="{}",
-                        help='finetune: JSON of FinetuneConfig fields for every row, e.g. \'{"precision": "float32"}\'')
+                        help='finetune: JSON of FinetuneConfig fields for every row, e.g. \'{"precision": "float32"}\'; '
+                             'a JSON list of such objects runs each variant on every path and seed')
     parser.add_argument("--target-modules", nargs="+", help="finetune: LoRA target modules (default: Olive's)")
     parser.add_argument("--lora-r", type=int, help="finetune: LoRA rank (default: FinetuneConfig's)")
     parser.add_argument("--rows", nargs="+", default=["float", "shipped", "uniform", "reverse", "export"],
@@ -216,43 +218,45 @@ def main() -> None:
         if "uniform" in args.rows:
             paths.append(("all 4-bit " + args.default,
                           run_quantize(default.model_copy(update={"size_budget": None}))["model"]))
-        lora = json.loads(args.finetune_overrides)
-        if args.target_modules:
-            lora["target_modules"] = args.target_modules
-        if args.lora_r:
-            lora["r"] = args.lora_r
-        for seed in args.seeds:
-            for name, model in paths:
-                started = time.perf_counter()
-                adapter = finetune(base, model, data, template, FinetuneConfig(seed=seed, **lora), folder("f"))
-                row = {"path": name, "seed": seed, "target_modules": args.target_modules, "lora_r": args.lora_r,
-                       "finetune_overrides": json.loads(args.finetune_overrides),
-                       "size_bytes": model.size_after_bytes,
-                       "response_ppl_before": adapter.response_ppl_quantized,
-                       "response_ppl_after": adapter.response_ppl_finetuned,
-                       "response_ppl_original": adapter.response_ppl_original,
-                       "seconds": round(time.perf_counter() - started, 1)}
-                if name.startswith("shipped") and seed == args.seeds[0] and "export" in args.rows:
-                    onnx = export(model, adapter, ExportConfig(), folder("e"))
-                    row["onnx_model_bytes"] = sum(p.stat().st_size for p in onnx.model_dir.iterdir()
-                                                  if p.name.startswith("model.onnx"))
-                    row["adapter_bytes"] = onnx.adapter_file.stat().st_size
-                    try:
-                        from oliveflow.stages.smoke_test import smoke_test
+        variants = json.loads(args.finetune_overrides)
+        for seed, overrides, (name, model) in itertools.product(
+                args.seeds, variants if isinstance(variants, list) else [variants], paths):
+            lora = dict(overrides)
+            if args.target_modules:
+                lora["target_modules"] = args.target_modules
+            if args.lora_r:
+                lora["r"] = args.lora_r
+            started = time.perf_counter()
+            adapter = finetune(base, model, data, template, FinetuneConfig(seed=seed, **lora), folder("f"))
+            row = {"path": name, "seed": seed, "target_modules": args.target_modules, "lora_r": args.lora_r,
+                   "finetune_overrides": overrides,
+                   "size_bytes": model.size_after_bytes,
+                   "response_ppl_before": adapter.response_ppl_quantized,
+                   "response_ppl_after": adapter.response_ppl_finetuned,
+                   "response_ppl_original": adapter.response_ppl_original,
+                   "response_ppl_teacher": adapter.response_ppl_teacher,
+                   "seconds": round(time.perf_counter() - started, 1)}
+            if name.startswith("shipped") and seed == args.seeds[0] and "export" in args.rows:
+                onnx = export(model, adapter, ExportConfig(), folder("e"))
+                row["onnx_model_bytes"] = sum(p.stat().st_size for p in onnx.model_dir.iterdir()
+                                              if p.name.startswith("model.onnx"))
+                row["adapter_bytes"] = onnx.adapter_file.stat().st_size
+                try:
+                    from oliveflow.stages.smoke_test import smoke_test
 
-                        smoke = smoke_test(onnx, base, data, template, SmokeTestConfig(num_samples=16))
-                        row.update(rouge_l_base=smoke.rouge_l_base, rouge_l_finetuned=smoke.rouge_l_finetuned,
-                                   answers=[s.model_dump(include={"prompt", "reference", "base_answer",
-                                                                  "finetuned_answer"}) for s in smoke.samples[:3]])
-                    except StageError as exc:
-                        row["smoke_refused"] = str(exc)
-                    except ImportError as exc:  # the GPU machine has no MLflow, which the smoke test imports
-                        row["smoke_skipped"] = str(exc)
-                if name == "float LoRA" and "reverse" in args.rows:
-                    row["reverse"] = reverse_order(base, adapter, default, data, template, folder("rev"))
-                rows.append(row)
-                print(json.dumps({k: v for k, v in row.items() if k != "answers"}), flush=True)
-                save("finetune", {"float_response_ppl": ppl_float, "rows": rows})
+                    smoke = smoke_test(onnx, base, data, template, SmokeTestConfig(num_samples=16))
+                    row.update(rouge_l_base=smoke.rouge_l_base, rouge_l_finetuned=smoke.rouge_l_finetuned,
+                               answers=[s.model_dump(include={"prompt", "reference", "base_answer",
+                                                              "finetuned_answer"}) for s in smoke.samples[:3]])
+                except StageError as exc:
+                    row["smoke_refused"] = str(exc)
+                except ImportError as exc:  # the GPU machine has no MLflow, which the smoke test imports
+                    row["smoke_skipped"] = str(exc)
+            if name == "float LoRA" and "reverse" in args.rows:
+                row["reverse"] = reverse_order(base, adapter, default, data, template, folder("rev"))
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "answers"}), flush=True)
+            save("finetune", {"float_response_ppl": ppl_float, "rows": rows})
 
 
 def reverse_order(base, adapter, config, data, template, work: Path) -> dict:

@@ -197,6 +197,11 @@ class FinetuneConfig(_Config):
                                 "each adapted layer's quantization error, weighted by its inputs (LoftQ-style).")
     target_modules: list[str] | None = Field(
         None, description="Module names to adapt; empty uses Olive's default for the architecture.")
+    distill: float = Field(
+        0.0, ge=0, le=1, description="Weight w of distillation from the float LoRA: the same LoRA is first trained "
+                                     "on the float model, then the shipped adapter learns (1 - w) x the labels' "
+                                     "cross-entropy + w x the KL from the float LoRA's predictions. 0: off.")
+    distill_temperature: float = Field(1.0, gt=0, description="Softmax temperature of the distillation term.")
     loss_on: Literal["response", "all"] = Field(
         "response", description="Tokens the fine-tune learns: response (the text after the template's last "
                                 "placeholder; the prompt is context only) or all.")

@@ -241,6 +241,9 @@ class QuantLoRA(LoRA):
             "error_init": PassConfigParam(type_=Optional[dict], default_value=None,
                                           description="Start A and B from each layer's quantization error "
                                                       "(oliveflow.lora_init): {base, model, examples} paths."),
+            "distill": PassConfigParam(type_=Optional[dict], default_value=None,
+                                       description="Mix in the KL from a float teacher (oliveflow.distill): "
+                                                   "{base, adapter, weight, temperature}."),
         }
 
     @staticmethod
@@ -289,6 +292,15 @@ class QuantLoRA(LoRA):
         def train(trainer, *args, **kwargs):
             trainer.args.logging_nan_inf_filter = False  # a NaN loss must be seen, not averaged away
             trainer.add_callback(FiniteCheck())
+            if config.distill:
+                from oliveflow.distill import distilled_loss, load_teacher
+
+                spec = config.distill
+                device = next(trainer.model.parameters()).device
+                teacher = load_teacher(Path(spec["base"]), Path(spec["adapter"]), getattr(torch, config.torch_dtype),
+                                       device)
+                trainer.compute_loss = distilled_loss(trainer.compute_loss, teacher, spec["weight"],
+                                                      spec["temperature"])
             try:
                 return original_train(trainer, *args, **kwargs)
             finally:

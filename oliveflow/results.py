@@ -88,6 +88,8 @@ class Adapter(_Result):
                                                                   "unquantized base model.")
     response_ppl_quantized: float | None = Field(None, description="The same, quantized model, no adapter.")
     response_ppl_finetuned: float | None = Field(None, description="The same, quantized model with the adapter.")
+    response_ppl_teacher: float | None = Field(None, description="The same, float model with the teacher adapter "
+                                                                 "(finetune.distill only): the float LoRA.")
     plan: dict | None = Field(None, description="How training fit the device's memory (oliveflow.memory."
                                                 "TrainingPlan): micro-batch, accumulation, checkpointing, budget.")
     seconds: float

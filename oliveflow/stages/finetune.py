@@ -28,12 +28,13 @@ from oliveflow.stages import artifact_of
 from oliveflow.stages.data import read_examples
 
 ADAPTER_SUBDIR = "adapter"
+TEACHER_SUBDIR = "teacher"  # finetune.distill: the float LoRA, in teacher/adapter
 ERROR_INIT_EXAMPLES = 16  # training examples the inputs' statistics are taken on (finetune.init error)
 log = logging.getLogger(__name__)
 
 
-def olive_config(model: QuantizedModel, data: DataReport, template: str, config: FinetuneConfig,
-                 plan: TrainingPlan, error_init: dict | None = None) -> dict:
+def olive_config(model_dir: Path, data: DataReport, template: str, config: FinetuneConfig,
+                 plan: TrainingPlan, error_init: dict | None = None, distill: dict | None = None) -> dict:
     lora = {
         "type": "QuantLoRA",
         "train_data_config": "train",
@@ -60,9 +61,11 @@ def olive_config(model: QuantizedModel, data: DataReport, template: str, config:
         lora["target_modules"] = list(config.target_modules)
     if error_init:
         lora["error_init"] = error_init
+    if distill:
+        lora["distill"] = distill
     return {
-        "input_model": {"type": "HfModel", "model_path": str(model.model_dir)},
-        "data_configs": [olive_runner.sft_data_config("train", data.train_path, model.model_dir, template,
+        "input_model": {"type": "HfModel", "model_path": str(model_dir)},
+        "data_configs": [olive_runner.sft_data_config("train", data.train_path, model_dir, template,
                                                       config.max_seq_len, config.loss_on, plan.micro_batch_size)],
         "passes": {"finetune": lora},
         "log_severity_level": 1,
@@ -77,7 +80,7 @@ def _precision(config: FinetuneConfig) -> str:
     return "bfloat16" if torch.cuda.is_available() else "float32"
 
 
-def plan_memory(model: QuantizedModel, config: FinetuneConfig, longest_example: int) -> TrainingPlan:
+def plan_memory(model_dir: Path, weights_bytes: int, config: FinetuneConfig, longest_example: int) -> TrainingPlan:
     """Micro-batch, accumulation, checkpointing and float base for this device's memory (``oliveflow.memory``)."""
     import torch
 
@@ -92,8 +95,8 @@ def plan_memory(model: QuantizedModel, config: FinetuneConfig, longest_example: 
         budget = int(config.gpu_memory_gb * 2**30) if config.gpu_memory_gb else psutil.virtual_memory().available
         device = "cpu" + (f", told {config.gpu_memory_gb:g} GiB" if config.gpu_memory_gb else " (available RAM)")
     try:
-        return plan_training(ModelShape.from_folder(model.model_dir), budget_bytes=budget,
-                             weights_bytes=model.size_after_bytes, batch_size=config.batch_size,
+        return plan_training(ModelShape.from_folder(model_dir), budget_bytes=budget,
+                             weights_bytes=weights_bytes, batch_size=config.batch_size,
                              sequence_tokens=longest_example,
                              dtype_bytes=2 if _precision(config) == "bfloat16" else 4, lora_r=config.r,
                              device=device, checkpointing=config.gradient_checkpointing,
@@ -121,8 +124,10 @@ def gpu_memory_cap(gib: float | None):
 
 
 def measure_held_out(base: BaseModelRef, model: QuantizedModel, adapter_dir: Path, examples: list[dict],
-                     batch_size: int, budget_bytes: int) -> tuple[HeldOutLoss, HeldOutLoss, HeldOutLoss]:
-    """Held-out losses of the original model, the quantized model and the quantized model + adapter.
+                     batch_size: int, budget_bytes: int, teacher_dir: Path | None = None
+                     ) -> tuple[HeldOutLoss, HeldOutLoss, HeldOutLoss, HeldOutLoss | None]:
+    """Held-out losses of the original model, the quantized model, the quantized model + adapter, and the original
+    model + teacher adapter (None without one).
 
     The original is evaluated in float32 when that copy takes at most 40% of ``budget_bytes``, else in
     bfloat16 (a large model on a small GPU), and it is loaded straight onto the device.
@@ -141,6 +146,8 @@ def measure_held_out(base: BaseModelRef, model: QuantizedModel, adapter_dir: Pat
                  4 * base.parameters / 1e9, budget_bytes / 1e9)
     original = AutoModelForCausalLM.from_pretrained(base.artifact.path, dtype=dtype, device_map=device)
     loss_original = held_out_loss(original, examples, pad, batch_size)
+    loss_teacher = None if teacher_dir is None else held_out_loss(load_adapter(original, teacher_dir), examples, pad,
+                                                                  batch_size)
     del original
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -149,12 +156,30 @@ def measure_held_out(base: BaseModelRef, model: QuantizedModel, adapter_dir: Pat
     with tuned.disable_adapter():
         loss_quantized = held_out_loss(tuned, examples, pad, batch_size)
     loss_finetuned = held_out_loss(tuned, examples, pad, batch_size)
-    return loss_original, loss_quantized, loss_finetuned
+    return loss_original, loss_quantized, loss_finetuned, loss_teacher
+
+
+def _train(model_dir: Path, weights_bytes: int, data: DataReport, template: str, config: FinetuneConfig,
+           longest_example: int, out_dir: Path, stage: str, error_init: dict | None = None,
+           distill: dict | None = None) -> tuple[Path, TrainingPlan]:
+    """One Olive LoRA run on ``model_dir`` into ``out_dir/adapter``; Olive's copy of the base is not kept."""
+    plan = plan_memory(model_dir, weights_bytes, config, longest_example)
+    log.info("%s: %s", stage, plan.describe())
+    with gpu_memory_cap(config.gpu_memory_gb):
+        produced = olive_runner.run_workflow(olive_config(model_dir, data, template, config, plan, error_init, distill),
+                                             out_dir, stage)
+    shutil.move(str(Path(produced).parent / "adapter"), out_dir / ADAPTER_SUBDIR)
+    olive_runner.cleanup(out_dir)
+    return out_dir / ADAPTER_SUBDIR, plan
 
 
 def finetune(base: BaseModelRef, model: QuantizedModel, data: DataReport, template: str, config: FinetuneConfig,
              out_dir: Path) -> Adapter:
-    """Train a LoRA adapter on ``model`` into ``out_dir/adapter``; the Olive config is saved beside it."""
+    """Train a LoRA adapter on ``model`` into ``out_dir/adapter``; the Olive config is saved beside it.
+
+    With ``finetune.distill``, the same LoRA is first trained on the float model into ``out_dir/teacher/adapter``
+    and the shipped adapter learns from it too (``oliveflow.distill``).
+    """
     from transformers import AutoTokenizer
 
     started = time.perf_counter()
@@ -167,8 +192,15 @@ def finetune(base: BaseModelRef, model: QuantizedModel, data: DataReport, templa
     if stats.dropped == stats.examples:
         raise StageError(f"finetune: no training example keeps a response token within max_seq_len="
                          f"{config.max_seq_len}; raise finetune.max_seq_len")
-    plan = plan_memory(model, config, max(len(e["input_ids"]) for e in train))
-    log.info("finetune: %s", plan.describe())
+    longest = max(len(e["input_ids"]) for e in train)
+    weights_bytes = model.size_after_bytes
+    teacher_dir = distill = None
+    if config.distill:
+        teacher_dir, _ = _train(base.artifact.path, base.artifact.size_bytes, data, template, config, longest,
+                                out_dir / TEACHER_SUBDIR, "finetune (float teacher)")
+        distill = {"base": str(base.artifact.path), "adapter": str(teacher_dir), "weight": config.distill,
+                   "temperature": config.distill_temperature}
+        weights_bytes += base.parameters * (2 if _precision(config) == "bfloat16" else 4)  # the teacher's copy
     error_init = None
     if config.init == "error":
         # The statistics of each layer's inputs are taken on the first training examples.
@@ -176,35 +208,30 @@ def finetune(base: BaseModelRef, model: QuantizedModel, data: DataReport, templa
         examples.write_text(json.dumps([e["input_ids"] for e in train[:ERROR_INIT_EXAMPLES]]))
         error_init = {"base": str(base.artifact.path), "model": str(model.model_dir), "examples": str(examples)}
     try:
-        with gpu_memory_cap(config.gpu_memory_gb):
-            produced = olive_runner.run_workflow(olive_config(model, data, template, config, plan, error_init),
-                                                 out_dir, "finetune")
+        adapter_dir, plan = _train(model.model_dir, weights_bytes, data, template, config, longest, out_dir,
+                                   "finetune", error_init, distill)
     finally:
         if error_init:
             Path(error_init["examples"]).unlink()
-    # Olive writes a copy of the base next to the adapter; only the adapter is kept.
-    shutil.move(str(Path(produced).parent / "adapter"), out_dir / ADAPTER_SUBDIR)
-    olive_runner.cleanup(out_dir)
-    adapter_dir = out_dir / ADAPTER_SUBDIR
     history = json.loads((adapter_dir / "log_history.json").read_text())
     train_loss = [float(entry["loss"]) for entry in history if "loss" in entry]
 
-    losses: tuple[HeldOutLoss | None, ...] = (None, None, None)
+    losses: tuple[HeldOutLoss | None, ...] = (None, None, None, None)
     if data.eval_path is not None:
         examples, _ = encode_rows(tokenizer, template, read_examples(data.eval_path, data.fields),
                                   config.max_seq_len, config.loss_on)
         with gpu_memory_cap(config.gpu_memory_gb):
             losses = measure_held_out(base, model, adapter_dir, examples, plan.micro_batch_size,
-                                      int(plan.budget_gb * 1e9))
-        bad = [name for name, loss in zip(("original", "quantized", "fine-tuned"), losses)
-               if not (math.isfinite(loss.loss) and math.isfinite(loss.response_loss))]
+                                      int(plan.budget_gb * 1e9), teacher_dir)
+        bad = [name for name, loss in zip(("original", "quantized", "fine-tuned", "teacher"), losses)
+               if loss is not None and not (math.isfinite(loss.loss) and math.isfinite(loss.response_loss))]
         if bad:
             raise StageError(f"finetune: held-out loss of the {', '.join(bad)} model is not finite "
                              f"({losses}); the model is numerically broken, nothing is kept")
     report = {name: None if loss is None else {"loss": loss.loss, "response_loss": loss.response_loss,
                                                "response_perplexity": loss.response_perplexity,
                                                "response_tokens": loss.response_tokens}
-              for name, loss in zip(("original", "quantized", "finetuned"), losses)}
+              for name, loss in zip(("original", "quantized", "finetuned", "teacher"), losses)}
     (out_dir / "eval_losses.json").write_text(json.dumps(report, indent=1))
 
     def value(i: int, attr: str) -> float | None:
@@ -222,6 +249,7 @@ def finetune(base: BaseModelRef, model: QuantizedModel, data: DataReport, templa
         response_ppl_original=value(0, "response_perplexity"),
         response_ppl_quantized=value(1, "response_perplexity"),
         response_ppl_finetuned=value(2, "response_perplexity"),
+        response_ppl_teacher=value(3, "response_perplexity"),
         plan=plan.to_dict(),
         seconds=time.perf_counter() - started,
     )
