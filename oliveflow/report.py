@@ -57,7 +57,9 @@ def markdown(result: PipelineResult) -> str:
     lines += ["", f"Size: {_mb(smoke.size_before_bytes)} -> {_mb(smoke.size_after_bytes)} "
               f"(**{smoke.size_reduction:.2f}x** smaller)",
               f"Held-out response perplexity: original {_num(adapter.response_ppl_original)}, quantized "
-              f"{_num(adapter.response_ppl_quantized)}, fine-tuned **{_num(adapter.response_ppl_finetuned)}**",
+              f"{_num(adapter.response_ppl_quantized)}, fine-tuned **{_num(adapter.response_ppl_finetuned)}**"
+              + (f" (float LoRA, the distillation teacher: {_num(adapter.response_ppl_teacher)})"
+                 if adapter.response_ppl_teacher is not None else ""),
               f"ROUGE-L of the answers: without adapter {_num(smoke.rouge_l_base, 3)}, with adapter "
               f"**{_num(smoke.rouge_l_finetuned, 3)}** ({len(smoke.samples)} held-out prompts)",
               f"Latency (onnxruntime-genai, adapter on): first token {smoke.ttft_seconds * 1000:.1f} ms, "
@@ -88,7 +90,9 @@ def text(result: PipelineResult, places: list[tuple[str, str]] = (), commands: l
                                                     "smaller)"),
             ("response perplexity", f"{_num(adapter.response_ppl_original)} float, "
                                     f"{_num(adapter.response_ppl_quantized)} int4",
-             f"{_num(adapter.response_ppl_finetuned)} int4 + LoRA"),
+             f"{_num(adapter.response_ppl_finetuned)} int4 + LoRA"
+             + (f" ({_num(adapter.response_ppl_teacher)} float LoRA)" if adapter.response_ppl_teacher is not None
+                else "")),
             (f"ROUGE-L ({len(smoke.samples)} prompts)", f"{_num(smoke.rouge_l_base, 3)} no adapter",
              f"{_num(smoke.rouge_l_finetuned, 3)} adapter"),
             ("first token", f"{smoke.ttft_seconds_base * 1000:.1f} ms", f"{smoke.ttft_seconds * 1000:.1f} ms"),

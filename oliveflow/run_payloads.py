@@ -74,6 +74,7 @@ def run_metrics(result: PipelineResult) -> dict[str, float]:
         "response_ppl_original": adapter.response_ppl_original,
         "response_ppl_quantized": adapter.response_ppl_quantized,
         "response_ppl_finetuned": adapter.response_ppl_finetuned,
+        "response_ppl_teacher": adapter.response_ppl_teacher,
         "rouge_l_base": smoke.rouge_l_base,
         "rouge_l_finetuned": smoke.rouge_l_finetuned,
         "finetune.truncated_examples": adapter.truncated_examples,

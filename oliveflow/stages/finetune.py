@@ -5,7 +5,9 @@ fine-tuning recovers part of the quantization loss instead of fitting weights th
 longer exist. The training examples go through this project's SFT transform (``oliveflow.sft``:
 one example per sequence, special tokens once, loss on the response), registered with Olive as a
 data component. Held-out losses of the original, quantized and fine-tuned model use the same
-transform; any non-finite loss, in training or on held-out data, fails the stage.
+transform; any non-finite loss, in training or on held-out data, fails the stage. With ``finetune.distill``
+the same LoRA is first trained on the float model, and the shipped adapter also learns that teacher's
+predictions (``oliveflow.distill``).
 """
 
 from __future__ import annotations

@@ -281,7 +281,8 @@ def _result(tmp_path: Path):
                             decode_tokens_per_second_base=900.0, token_latency_p50_ms=1.2,
                             token_latency_p90_ms=1.5, token_latency_p50_ms_base=1.1, token_latency_p90_ms_base=1.3,
                             answered=True)
-    adapter = SimpleNamespace(response_ppl_original=45.1, response_ppl_quantized=60.2, response_ppl_finetuned=30.3)
+    adapter = SimpleNamespace(response_ppl_original=45.1, response_ppl_quantized=60.2, response_ppl_finetuned=30.3,
+                              response_ppl_teacher=None)
     stages = {name: SimpleNamespace(name=name, cache=cache, seconds=1.5, output_bytes=1_000_000)
               for name, cache in (("quantize", "hit"), ("finetune", "miss"), ("export", "miss"),
                                   ("smoke_test", "miss"))}
@@ -309,6 +310,14 @@ def test_the_summary_a_person_reads(tmp_path):
     assert _result(tmp_path).samples[0].base_answer[len(cut) - 1] == " ", "cut at a word boundary"
     assert "  Q: Question 0 about | pipes?\n" in text and "<|" not in text
     assert "run log:      /h/logs/run-1.log" in text and text.endswith("  prefect server start\n")
+
+
+def test_the_summary_shows_the_float_lora_when_the_run_distilled_from_it(tmp_path):
+    result = _result(tmp_path)
+    assert "float LoRA" not in report.text(result) and "float LoRA" not in report.markdown(result)
+    result.adapter.response_ppl_teacher = 25.0
+    assert re.search(r"^response perplexity .* 30\.30 int4 \+ LoRA \(25\.00 float LoRA\)$", report.text(result), re.M)
+    assert "fine-tuned **30.30** (float LoRA, the distillation teacher: 25.00)" in report.markdown(result)
 
 
 def test_cut_is_at_a_word_with_an_ellipsis():
