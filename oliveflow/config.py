@@ -197,6 +197,10 @@ class FinetuneConfig(_Config):
                                 "each adapted layer's quantization error, weighted by its inputs (LoftQ-style).")
     target_modules: list[str] | None = Field(
         None, description="Module names to adapt; empty uses Olive's default for the architecture.")
+    train_scales: bool = Field(
+        False, description="Train the int4 model's quantization scales with the LoRA (one step-size change per "
+                           "group, the codes stay); the export then ships the trained scales, so the base graph is "
+                           "tuned to this task too (see \"Quantization quality\").")
     distill: float = Field(
         0.0, ge=0, le=1, description="Weight w of distillation from the float LoRA: the same LoRA is first trained "
                                      "on the float model, then the shipped adapter learns (1 - w) x the labels' "

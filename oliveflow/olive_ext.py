@@ -241,6 +241,9 @@ class QuantLoRA(LoRA):
             "error_init": PassConfigParam(type_=Optional[dict], default_value=None,
                                           description="Start A and B from each layer's quantization error "
                                                       "(oliveflow.lora_init): {base, model, examples} paths."),
+            "train_scales": PassConfigParam(type_=bool, default_value=False,
+                                            description="Train one delta per quantization group with the LoRA "
+                                                        "(oliveflow.scale_gains), saved beside the adapter."),
             "distill": PassConfigParam(type_=Optional[dict], default_value=None,
                                        description="Mix in the KL from a float teacher (oliveflow.distill): "
                                                    "{base, adapter, weight, temperature}."),
@@ -273,7 +276,14 @@ class QuantLoRA(LoRA):
         # Olive turns loss kwargs off (an old transformers issue); on, the Trainer divides the summed loss by the
         # tokens of the whole accumulated batch, so micro-batches x accumulation learn what one batch would.
         model.accepts_loss_kwargs = True
-        peft_model = get_peft_model(dequantize_once(model) if config.float_base else model, lora_config)
+        base = dequantize_once(model) if config.float_base else model
+        if config.train_scales:
+            from oliveflow import scale_gains
+
+            scale_gains.install(base)
+        peft_model = get_peft_model(base, lora_config)
+        if config.train_scales:
+            scale_gains.trainable(peft_model)
         if config.error_init:
             from oliveflow.lora_init import init_from_error
 
@@ -287,6 +297,7 @@ class QuantLoRA(LoRA):
         import transformers
 
         history: list[dict] = []
+        trained_deltas: dict = {}
         original_train = transformers.Trainer.train
 
         def train(trainer, *args, **kwargs):
@@ -302,9 +313,14 @@ class QuantLoRA(LoRA):
                 trainer.compute_loss = distilled_loss(trainer.compute_loss, teacher, spec["weight"],
                                                       spec["temperature"])
             try:
-                return original_train(trainer, *args, **kwargs)
+                result = original_train(trainer, *args, **kwargs)
             finally:
                 history.extend(trainer.state.log_history)
+            if config.train_scales:
+                from oliveflow import scale_gains
+
+                trained_deltas.update(scale_gains.deltas(trainer.model))
+            return result
 
         transformers.Trainer.train = train
         try:
@@ -315,6 +331,12 @@ class QuantLoRA(LoRA):
         # Timings would make two identical trainings' artifacts differ; the losses are what is kept.
         steps = [{k: v for k, v in entry.items() if not k.endswith(("_runtime", "_per_second"))} for entry in history]
         (adapter / LOG_HISTORY).write_text(json.dumps(steps, indent=1))
+        if config.train_scales:
+            from safetensors.torch import save_file
+
+            from oliveflow.scale_gains import DELTAS_FILE
+
+            save_file(trained_deltas, str(adapter / DELTAS_FILE))
         # PEFT saves target_modules from a set, in an order that changes with the interpreter's hash seed.
         config_file = adapter / "adapter_config.json"
         adapter_config = json.loads(config_file.read_text())

@@ -98,6 +98,12 @@ class Adapter(_Result):
     def adapter_dir(self) -> Path:
         return self.artifact.path / "adapter"
 
+    @property
+    def tuned_model_dir(self) -> Path | None:
+        """finetune.train_scales: the quantized checkpoint with the trained scales, which the export builds from."""
+        folder = self.artifact.path / "model"
+        return folder if folder.is_dir() else None
+
 
 class OnnxModel(_Result):
     """A flat onnxruntime-genai folder: model.onnx(.data), genai_config.json, tokenizer, adapter file."""

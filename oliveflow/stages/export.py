@@ -26,7 +26,7 @@ _PROVIDERS = {"cpu": ("cpu", "CPUExecutionProvider"), "gpu": ("gpu", "CUDAExecut
 def olive_config(model: QuantizedModel, adapter: Adapter, config: ExportConfig) -> dict:
     device, provider = _PROVIDERS[config.device]
     return {
-        "input_model": {"type": "HfModel", "model_path": str(model.model_dir),
+        "input_model": {"type": "HfModel", "model_path": str(adapter.tuned_model_dir or model.model_dir),
                         "adapter_path": str(adapter.adapter_dir)},
         "systems": {"local_system": {"type": "LocalSystem",
                                      "accelerators": [{"device": device, "execution_providers": [provider]}]}},

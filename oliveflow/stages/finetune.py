@@ -30,6 +30,7 @@ from oliveflow.stages import artifact_of
 from oliveflow.stages.data import read_examples
 
 ADAPTER_SUBDIR = "adapter"
+TUNED_MODEL_SUBDIR = "model"  # finetune.train_scales: the quantized checkpoint with the trained scales
 TEACHER_SUBDIR = "teacher"  # finetune.distill: the float LoRA, in teacher/adapter
 ERROR_INIT_EXAMPLES = 16  # training examples the inputs' statistics are taken on (finetune.init error)
 log = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ def olive_config(model_dir: Path, data: DataReport, template: str, config: Finet
         lora["error_init"] = error_init
     if distill:
         lora["distill"] = distill
+    if config.train_scales:
+        lora["train_scales"] = True
     return {
         "input_model": {"type": "HfModel", "model_path": str(model_dir)},
         "data_configs": [olive_runner.sft_data_config("train", data.train_path, model_dir, template,
@@ -154,10 +157,12 @@ def measure_held_out(base: BaseModelRef, model: QuantizedModel, adapter_dir: Pat
     if device == "cuda":
         torch.cuda.empty_cache()
     quantized = dequantize_once(HfModelHandler(model_path=str(model.model_dir)).load_model().to(device))
-    tuned = load_adapter(quantized, adapter_dir)
-    with tuned.disable_adapter():
-        loss_quantized = held_out_loss(tuned, examples, pad, batch_size)
-    loss_finetuned = held_out_loss(tuned, examples, pad, batch_size)
+    loss_quantized = held_out_loss(quantized, examples, pad, batch_size)
+    tuned_dir = adapter_dir.parent / TUNED_MODEL_SUBDIR
+    if tuned_dir.is_dir():  # finetune.train_scales: the adapter runs on the checkpoint with the trained scales
+        del quantized
+        quantized = dequantize_once(HfModelHandler(model_path=str(tuned_dir)).load_model().to(device))
+    loss_finetuned = held_out_loss(load_adapter(quantized, adapter_dir), examples, pad, batch_size)
     return loss_original, loss_quantized, loss_finetuned, loss_teacher
 
 
@@ -198,7 +203,8 @@ def finetune(base: BaseModelRef, model: QuantizedModel, data: DataReport, templa
     weights_bytes = model.size_after_bytes
     teacher_dir = distill = None
     if config.distill:
-        teacher_dir, _ = _train(base.artifact.path, base.artifact.size_bytes, data, template, config, longest,
+        teacher_dir, _ = _train(base.artifact.path, base.artifact.size_bytes, data, template,
+                                config.model_copy(update={"train_scales": False}), longest,
                                 out_dir / TEACHER_SUBDIR, "finetune (float teacher)")
         distill = {"base": str(base.artifact.path), "adapter": str(teacher_dir), "weight": config.distill,
                    "temperature": config.distill_temperature}
@@ -215,6 +221,10 @@ def finetune(base: BaseModelRef, model: QuantizedModel, data: DataReport, templa
     finally:
         if error_init:
             Path(error_init["examples"]).unlink()
+    if config.train_scales:
+        from oliveflow.scale_gains import DELTAS_FILE, write_model
+
+        write_model(model.model_dir, adapter_dir / DELTAS_FILE, out_dir / TUNED_MODEL_SUBDIR)
     history = json.loads((adapter_dir / "log_history.json").read_text())
     train_loss = [float(entry["loss"]) for entry in history if "loss" in entry]
 

@@ -113,7 +113,8 @@ def code_sha256(stage: str) -> str:
     root = Path(__file__).resolve().parent.parent
     files = [root / "stages" / f"{stage}.py", root / "olive_ext.py", root / "olive_runner.py", root / "sft.py"]
     extra = {"quantize": ["awq.py", "precision.py", "tied_head.py", "lora_init.py"],
-             "finetune": ["memory.py", "lora_init.py", "distill.py"], "export": ["tied_head.py"],
+             "finetune": ["memory.py", "lora_init.py", "distill.py", "scale_gains.py"],
+             "export": ["tied_head.py"],
              "smoke_test": ["mlflow_model.py"]}
     files += [root / name for name in extra.get(stage, [])]
     return config_sha256([file_sha256(f) for f in files])
