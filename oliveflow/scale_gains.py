@@ -4,7 +4,7 @@ Every decoder linear of the int4 model gets one trainable ``delta`` per quantiza
 ``(codes - zero) * scale * (1 + delta)``: the int4 codes stay as they are, each group's step size moves. The head
 (whose codes a tied embedding also reads) is left alone. After training the new scales, ``scale * (1 + delta)``,
 are written into a copy of the quantized checkpoint, which the export then builds from, so the adapter is trained
-against the weights that ship. Deltas start at 0, and weight decay pulls them back there.
+against the weights that ship. Deltas start at 0 and share the LoRA's optimizer and learning rate.
 
 The base that ships is then tuned to the task too: the ``.onnx_adapter`` file still swaps the LoRA, but the int4
 graph it runs on is no longer the generic quantized model.
