@@ -101,7 +101,7 @@ class Adapter(_Result):
     @property
     def tuned_model_dir(self) -> Path | None:
         """finetune.train_scales: the quantized checkpoint with the trained scales, which the export builds from."""
-        folder = self.artifact.path / "model"
+        folder = self.artifact.path / "model"  # stages.finetune.TUNED_MODEL_SUBDIR
         return folder if folder.is_dir() else None
 
 

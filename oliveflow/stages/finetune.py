@@ -30,7 +30,7 @@ from oliveflow.stages import artifact_of
 from oliveflow.stages.data import read_examples
 
 ADAPTER_SUBDIR = "adapter"
-TUNED_MODEL_SUBDIR = "model"  # finetune.train_scales: the quantized checkpoint with the trained scales
+TUNED_MODEL_SUBDIR = "model"  # finetune.train_scales: the checkpoint with trained scales (Adapter.tuned_model_dir)
 TEACHER_SUBDIR = "teacher"  # finetune.distill: the float LoRA, in teacher/adapter
 ERROR_INIT_EXAMPLES = 16  # training examples the inputs' statistics are taken on (finetune.init error)
 log = logging.getLogger(__name__)
@@ -129,10 +129,10 @@ def gpu_memory_cap(gib: float | None):
 
 
 def measure_held_out(base: BaseModelRef, model: QuantizedModel, adapter_dir: Path, examples: list[dict],
-                     batch_size: int, budget_bytes: int, teacher_dir: Path | None = None
-                     ) -> tuple[HeldOutLoss, HeldOutLoss, HeldOutLoss, HeldOutLoss | None]:
-    """Held-out losses of the original model, the quantized model, the quantized model + adapter, and the original
-    model + teacher adapter (None without one).
+                     batch_size: int, budget_bytes: int, teacher_dir: Path | None = None,
+                     tuned_dir: Path | None = None) -> tuple[HeldOutLoss, HeldOutLoss, HeldOutLoss, HeldOutLoss | None]:
+    """Held-out losses of the original model, the quantized model, the quantized model + adapter (on ``tuned_dir``,
+    the checkpoint with trained scales, when given), and the original model + teacher adapter (None without one).
 
     The original is evaluated in float32 when that copy takes at most 40% of ``budget_bytes``, else in
     bfloat16 (a large model on a small GPU), and it is loaded straight onto the device.
@@ -158,8 +158,7 @@ def measure_held_out(base: BaseModelRef, model: QuantizedModel, adapter_dir: Pat
         torch.cuda.empty_cache()
     quantized = dequantize_once(HfModelHandler(model_path=str(model.model_dir)).load_model().to(device))
     loss_quantized = held_out_loss(quantized, examples, pad, batch_size)
-    tuned_dir = adapter_dir.parent / TUNED_MODEL_SUBDIR
-    if tuned_dir.is_dir():  # finetune.train_scales: the adapter runs on the checkpoint with the trained scales
+    if tuned_dir is not None:  # finetune.train_scales: the adapter runs on the checkpoint with the trained scales
         del quantized
         quantized = dequantize_once(HfModelHandler(model_path=str(tuned_dir)).load_model().to(device))
     loss_finetuned = held_out_loss(load_adapter(quantized, adapter_dir), examples, pad, batch_size)
@@ -221,10 +220,12 @@ def finetune(base: BaseModelRef, model: QuantizedModel, data: DataReport, templa
     finally:
         if error_init:
             Path(error_init["examples"]).unlink()
+    tuned_dir = None
     if config.train_scales:
         from oliveflow.scale_gains import DELTAS_FILE, write_model
 
-        write_model(model.model_dir, adapter_dir / DELTAS_FILE, out_dir / TUNED_MODEL_SUBDIR)
+        tuned_dir = out_dir / TUNED_MODEL_SUBDIR
+        write_model(model.model_dir, adapter_dir / DELTAS_FILE, tuned_dir)
     history = json.loads((adapter_dir / "log_history.json").read_text())
     train_loss = [float(entry["loss"]) for entry in history if "loss" in entry]
 
@@ -234,7 +235,7 @@ def finetune(base: BaseModelRef, model: QuantizedModel, data: DataReport, templa
                                   config.max_seq_len, config.loss_on)
         with gpu_memory_cap(config.gpu_memory_gb):
             losses = measure_held_out(base, model, adapter_dir, examples, plan.micro_batch_size,
-                                      int(plan.budget_gb * 1e9), teacher_dir)
+                                      int(plan.budget_gb * 1e9), teacher_dir, tuned_dir)
         bad = [name for name, loss in zip(("original", "quantized", "fine-tuned", "teacher"), losses)
                if loss is not None and not (math.isfinite(loss.loss) and math.isfinite(loss.response_loss))]
         if bad:
