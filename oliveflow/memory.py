@@ -103,24 +103,34 @@ class DoesNotFit(ValueError):
 
 def plan_training(shape: ModelShape, *, budget_bytes: int, weights_bytes: int, batch_size: int, sequence_tokens: int,
                   dtype_bytes: int, lora_r: int, device: str, checkpointing: bool | None = None,
-                  micro_batch_size: int | None = None) -> TrainingPlan:
+                  micro_batch_size: int | None = None, train_scales: bool = False,
+                  group_size: int = 32) -> TrainingPlan:
     """The fastest plan whose estimated peak fits ``USABLE_SHARE`` of ``budget_bytes``.
 
     ``weights_bytes`` is the quantized model as loaded; ``sequence_tokens`` the longest training example (every
     micro-batch is padded to its longest). ``checkpointing`` and ``micro_batch_size``, when given, are kept as
     they are (the person asked for them) and the rest is planned around them. Raises ``DoesNotFit``.
+
+    ``train_scales`` (``oliveflow.scale_gains``) always keeps the unpacked codes (one float copy of the base), and
+    each layer's weight, rebuilt from them in the forward pass, is kept for backward (a second copy; one layer's
+    worth, times three, with checkpointing); its per-group deltas train like LoRA parameters.
     """
     usable = USABLE_SHARE * budget_bytes
     fixed = weights_bytes + LORA_BYTES_PER_PARAM * shape.lora_parameters(lora_r)
     float_copy = dtype_bytes * shape.linear_parameters
+    if train_scales:
+        fixed += float_copy + LORA_BYTES_PER_PARAM * shape.linear_parameters // group_size
     micro_choices = [micro_batch_size] if micro_batch_size else \
         [m for m in range(batch_size, 0, -1) if batch_size % m == 0]
     best: tuple[float, TrainingPlan] | None = None
-    for float_base in (True, False):
+    for float_base in ((True,) if train_scales else (True, False)):
         for ckpt in ([checkpointing] if checkpointing is not None else [False, True]):
+            # train_scales: the rebuilt weights kept for backward (all layers', or three layers' with checkpointing)
+            rebuilt = 3 * float_copy // shape.layers if ckpt else float_copy
             for micro in micro_choices:  # largest first: the first that fits is this option's best
                 tokens = micro * sequence_tokens
-                peak = fixed + float_copy * float_base + shape.activation_bytes(tokens, dtype_bytes, ckpt)
+                peak = (fixed + (rebuilt if train_scales else float_copy * float_base)
+                        + shape.activation_bytes(tokens, dtype_bytes, ckpt))
                 if peak > usable:
                     continue
                 cost = (CHECKPOINTING_COST if ckpt else 1.0) * (1 + HALF_SPEED_TOKENS / tokens)
@@ -133,7 +143,8 @@ def plan_training(shape: ModelShape, *, budget_bytes: int, weights_bytes: int, b
                 break
         if best is not None:
             return best[1]  # a plan with the float base beats every plan without it (~10% faster, same numbers)
-    smallest = fixed + shape.activation_bytes(min(micro_choices) * sequence_tokens, dtype_bytes, True)
+    smallest = (fixed + (3 * float_copy // shape.layers if train_scales else 0)
+                + shape.activation_bytes(min(micro_choices) * sequence_tokens, dtype_bytes, True))
     raise DoesNotFit(f"the fine-tune needs about {smallest / 1e9:.1f} GB even at micro-batch {min(micro_choices)} "
-                     f"with gradient checkpointing, and {device} has {budget_bytes / 1e9:.1f} GB "
-                     f"({USABLE_SHARE:.0%} usable)")
+                     f"with gradient checkpointing{' and trained scales' if train_scales else ''}, and {device} has "
+                     f"{budget_bytes / 1e9:.1f} GB ({USABLE_SHARE:.0%} usable)")

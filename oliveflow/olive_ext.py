@@ -276,11 +276,13 @@ class QuantLoRA(LoRA):
         # Olive turns loss kwargs off (an old transformers issue); on, the Trainer divides the summed loss by the
         # tokens of the whole accumulated batch, so micro-batches x accumulation learn what one batch would.
         model.accepts_loss_kwargs = True
-        base = dequantize_once(model) if config.float_base else model
-        if config.train_scales:
+        if config.train_scales:  # its own forward, from its own unpacked codes (counted in the memory plan)
             from oliveflow import scale_gains
 
+            base = model
             scale_gains.install(base)
+        else:
+            base = dequantize_once(model) if config.float_base else model
         peft_model = get_peft_model(base, lora_config)
         if config.train_scales:
             scale_gains.trainable(peft_model)

@@ -85,8 +85,10 @@ def _precision(config: FinetuneConfig) -> str:
     return "bfloat16" if torch.cuda.is_available() else "float32"
 
 
-def plan_memory(model_dir: Path, weights_bytes: int, config: FinetuneConfig, longest_example: int) -> TrainingPlan:
-    """Micro-batch, accumulation, checkpointing and float base for this device's memory (``oliveflow.memory``)."""
+def plan_memory(model_dir: Path, weights_bytes: int, config: FinetuneConfig, longest_example: int,
+                group_size: int = 32) -> TrainingPlan:
+    """Micro-batch, accumulation, checkpointing and float base for this device's memory (``oliveflow.memory``);
+    ``group_size``: the quantization's, for ``finetune.train_scales`` (-1: one group per output row)."""
     import torch
 
     if torch.cuda.is_available():
@@ -100,15 +102,18 @@ def plan_memory(model_dir: Path, weights_bytes: int, config: FinetuneConfig, lon
         budget = int(config.gpu_memory_gb * 2**30) if config.gpu_memory_gb else psutil.virtual_memory().available
         device = "cpu" + (f", told {config.gpu_memory_gb:g} GiB" if config.gpu_memory_gb else " (available RAM)")
     try:
-        return plan_training(ModelShape.from_folder(model_dir), budget_bytes=budget,
+        shape = ModelShape.from_folder(model_dir)
+        return plan_training(shape, budget_bytes=budget,
                              weights_bytes=weights_bytes, batch_size=config.batch_size,
                              sequence_tokens=longest_example,
                              dtype_bytes=2 if _precision(config) == "bfloat16" else 4, lora_r=config.r,
                              device=device, checkpointing=config.gradient_checkpointing,
-                             micro_batch_size=config.micro_batch_size)
+                             micro_batch_size=config.micro_batch_size, train_scales=config.train_scales,
+                             group_size=group_size if group_size > 0 else shape.hidden)
     except DoesNotFit as exc:
-        raise StageError(f"finetune: {exc}; lower finetune.max_seq_len, finetune.r or finetune.micro_batch_size, "
-                         "or use a GPU with more memory") from None
+        scales = ", turn finetune.train_scales off" if config.train_scales else ""
+        raise StageError(f"finetune: {exc}; lower finetune.max_seq_len, finetune.r or finetune.micro_batch_size"
+                         f"{scales}, or use a GPU with more memory") from None
 
 
 @contextlib.contextmanager
@@ -167,9 +172,9 @@ def measure_held_out(base: BaseModelRef, model: QuantizedModel, adapter_dir: Pat
 
 def _train(model_dir: Path, weights_bytes: int, data: DataReport, template: str, config: FinetuneConfig,
            longest_example: int, out_dir: Path, stage: str, error_init: dict | None = None,
-           distill: dict | None = None) -> tuple[Path, TrainingPlan]:
+           distill: dict | None = None, group_size: int = 32) -> tuple[Path, TrainingPlan]:
     """One Olive LoRA run on ``model_dir`` into ``out_dir/adapter``; Olive's copy of the base is not kept."""
-    plan = plan_memory(model_dir, weights_bytes, config, longest_example)
+    plan = plan_memory(model_dir, weights_bytes, config, longest_example, group_size)
     log.info("%s: %s", stage, plan.describe())
     with gpu_memory_cap(config.gpu_memory_gb):
         produced = olive_runner.run_workflow(olive_config(model_dir, data, template, config, plan, error_init, distill),
@@ -216,7 +221,7 @@ def finetune(base: BaseModelRef, model: QuantizedModel, data: DataReport, templa
         error_init = {"base": str(base.artifact.path), "model": str(model.model_dir), "examples": str(examples)}
     try:
         adapter_dir, plan = _train(model.model_dir, weights_bytes, data, template, config, longest, out_dir,
-                                   "finetune", error_init, distill)
+                                   "finetune", error_init, distill, model.group_size)
     finally:
         if error_init:
             Path(error_init["examples"]).unlink()

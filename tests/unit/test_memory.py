@@ -44,6 +44,19 @@ def test_a_card_too_small_is_refused_with_the_sizes():
         phi35_plan(4)
 
 
+def test_trained_scales_count_the_unpacked_codes_the_rebuilt_weights_and_the_deltas():
+    plain, scales = phi35_plan(139), phi35_plan(139, train_scales=True)
+    float_copy = 2 * PHI35.linear_parameters
+    deltas = 16 * PHI35.linear_parameters // 32
+    assert (scales.micro_batch_size, scales.gradient_checkpointing) == (8, False)
+    # Without checkpointing: the unpacked codes and every layer's rebuilt weight, instead of the one float copy.
+    assert scales.estimated_peak_gb == pytest.approx(plain.estimated_peak_gb + (float_copy + deltas) / 1e9, abs=0.01)
+    assert phi35_plan(24, train_scales=True).gradient_checkpointing  # fits, with checkpointing
+    with pytest.raises(DoesNotFit, match="with gradient checkpointing and trained scales"):
+        phi35_plan(12, train_scales=True)  # the plain LoRA fits here by giving up the float base
+    assert phi35_plan(139, train_scales=True, group_size=128).estimated_peak_gb < scales.estimated_peak_gb
+
+
 def test_a_small_model_on_a_cpu_keeps_the_old_settings():
     smol = ModelShape(layers=30, hidden=576, intermediate=1536, vocab=49152, heads=9, kv_heads=3, head_dim=64)
     plan = plan_training(smol, budget_bytes=8 * GIB, weights_bytes=int(1.1e8), batch_size=8, sequence_tokens=128,
