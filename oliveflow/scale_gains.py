@@ -23,7 +23,9 @@ DELTAS_FILE = "scale_deltas.safetensors"
 
 
 def _forward(self, x: torch.Tensor) -> torch.Tensor:
-    scales = self.scales * (1 + getattr(self, DELTA).to(self.scales.dtype))
+    # ``scale * (1 + delta)`` in float32, then in the model's dtype: in bfloat16, 1 + delta has steps of 2^-7, and
+    # the deltas this learns (about 0.005) would round to 0 or to a whole step.
+    scales = (self.scales.float() * (1 + getattr(self, DELTA))).to(self.scales.dtype)
     weight = (self.__dict__["_oliveflow_centered"] * scales.unsqueeze(-1)).reshape(self.rows, self.cols)
     return torch.nn.functional.linear(x, weight.to(x.dtype), bias=self.bias).to(x.dtype)
 

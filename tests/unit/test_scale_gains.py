@@ -74,3 +74,28 @@ def test_the_export_builds_from_the_trained_scales(chain, scales_run):
     saved = json.loads((onnx.artifact.path / CONFIG_FILE).read_text())
     assert saved["input_model"]["model_path"] == str(adapter.tuned_model_dir)
     assert (onnx.model_dir / "model.onnx").is_file() and onnx.adapter_file.is_file()
+
+
+def test_small_deltas_move_a_bfloat16_model():
+    """In bfloat16, ``scale * (1 + delta)`` is formed in float32 first: 1 + 0.003 rounds to 1 in bfloat16, and the
+    deltas the fine-tune learns are of that size."""
+    from olive.common.quant.nn import QuantLinear
+
+    from oliveflow import scale_gains
+
+    layer = QuantLinear(64, 32, bits=4, symmetric=True, group_size=32, bias=False)
+    with torch.no_grad():
+        layer.scales.copy_(torch.rand_like(layer.scales) + 0.5)
+        layer.qweight.copy_(torch.randint(0, 256, layer.qweight.shape, dtype=layer.qweight.dtype))
+    model = torch.nn.Sequential(layer).to(torch.bfloat16)
+    (name,) = scale_gains.install(model)
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        before = model(x)
+        getattr(layer, scale_gains.DELTA).fill_(0.003)
+        after = model(x)
+        expected = torch.nn.functional.linear(
+            x, (layer.__dict__["_oliveflow_centered"]
+                * (layer.scales.float() * 1.003).to(torch.bfloat16).unsqueeze(-1)).reshape(32, 64))
+    assert not torch.equal(before, after)
+    assert torch.equal(after, expected)
