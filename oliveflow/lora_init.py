@@ -133,6 +133,10 @@ def init_from_error(model: nn.Module, base_dir: Path, model_dir: Path, examples:
     for name, layer in layers.items():
         quant = layer.get_base_layer()
         quant_weight = quant.unpack_and_dequantize(quant.qweight, quant.scales, quant.qzeros)
+        for what, values in (("the inputs", mean_squares[name]), ("the int4 weight", quant_weight)):
+            if not torch.isfinite(values).all():
+                raise FloatingPointError(f"finetune.init error: {what} of {name} are not finite (nan or inf) on "
+                                         "the training examples: the quantized model is broken")
         # float64 where it is cheap (a CPU, or a small model); float32 on a GPU
         dtype = torch.float64 if quant_weight.device.type == "cpu" else torch.float32
         found = low_rank_error(float_weight(name, quant_weight.shape, quant_weight.device, dtype), quant_weight,

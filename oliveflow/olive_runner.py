@@ -102,7 +102,7 @@ def run_workflow(config: dict[str, Any], stage_dir: Path, stage: str) -> Path:
     package = olive_ext.package_config()
     # Saved with paths relative to the stage folder (re-run it from there): an absolute temp path would make two
     # identical runs' artifacts differ.
-    saved = {**config, "output_dir": f"{WORK_DIR}/output", "cache_dir": f"{WORK_DIR}/cache"}
+    saved = _relative_to({**config, "output_dir": f"{WORK_DIR}/output", "cache_dir": f"{WORK_DIR}/cache"}, stage_dir)
     (stage_dir / CONFIG_FILE).write_text(json.dumps(saved, indent=2, default=str))
     config = {**config, "output_dir": str(work / "output"), "cache_dir": str(work / "cache")}
     (stage_dir / PACKAGE_FILE).write_text(json.dumps(package, indent=2))
@@ -115,6 +115,17 @@ def run_workflow(config: dict[str, Any], stage_dir: Path, stage: str) -> Path:
     if output is None or not output.has_output_model():
         raise StageError(f"{stage}: Olive produced no output model: {_reason(errors.messages)}")
     return Path(output.get_best_candidate().model_path)
+
+
+def _relative_to(value: Any, folder: Path) -> Any:
+    """``value`` with every string path inside ``folder`` made relative to it (dicts and lists walked)."""
+    if isinstance(value, dict):
+        return {k: _relative_to(v, folder) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_relative_to(v, folder) for v in value]
+    if isinstance(value, str | Path) and Path(value).is_absolute() and Path(value).is_relative_to(folder):
+        return str(Path(value).relative_to(folder))
+    return value
 
 
 def cleanup(stage_dir: Path) -> None:

@@ -60,6 +60,8 @@ def markdown(result: PipelineResult) -> str:
               f"{_num(adapter.response_ppl_quantized)}, fine-tuned **{_num(adapter.response_ppl_finetuned)}**"
               + (f" (float LoRA, the distillation teacher: {_num(adapter.response_ppl_teacher)})"
                  if adapter.response_ppl_teacher is not None else ""),
+              *([f"Base graph: the int4 model with the scales trained with the adapter (finetune.train_scales): "
+                 "its answers without the adapter are tuned to the task too"] if adapter.tuned_model_dir else []),
               f"ROUGE-L of the answers: without adapter {_num(smoke.rouge_l_base, 3)}, with adapter "
               f"**{_num(smoke.rouge_l_finetuned, 3)}** ({len(smoke.samples)} held-out prompts)",
               f"Latency (onnxruntime-genai, adapter on): first token {smoke.ttft_seconds * 1000:.1f} ms, "
@@ -101,6 +103,8 @@ def text(result: PipelineResult, places: list[tuple[str, str]] = (), commands: l
             ("per token p50 / p90", f"{smoke.token_latency_p50_ms_base:.2f} / {smoke.token_latency_p90_ms_base:.2f} ms",
              f"{smoke.token_latency_p50_ms:.2f} / {smoke.token_latency_p90_ms:.2f} ms")]
     lines += [""] + [f"{name:<22} {before:<28} {after}".rstrip() for name, before, after in rows]
+    if adapter.tuned_model_dir:
+        lines.append("(no adapter: the int4 base with the scales trained beside the adapter, finetune.train_scales)")
     if not smoke.answered:
         lines.append("smoke test: FAILED (an empty answer)")
     shown = result.samples[:SHOWN_SAMPLES]

@@ -20,7 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
-from oliveflow import olive_runner
+from oliveflow import olive_runner, progress
 from oliveflow.config import FinetuneConfig
 from oliveflow.errors import StageError
 from oliveflow.memory import DoesNotFit, ModelShape, TrainingPlan, plan_training
@@ -207,9 +207,10 @@ def finetune(base: BaseModelRef, model: QuantizedModel, data: DataReport, templa
     weights_bytes = model.size_after_bytes
     teacher_dir = distill = None
     if config.distill:
-        teacher_dir, _ = _train(base.artifact.path, base.artifact.size_bytes, data, template,
-                                config.model_copy(update={"train_scales": False}), longest,
-                                out_dir / TEACHER_SUBDIR, "finetune (float teacher)")
+        with progress.task("float LoRA, the distillation teacher (finetune.distill)"):
+            teacher_dir, _ = _train(base.artifact.path, base.artifact.size_bytes, data, template,
+                                    config.model_copy(update={"train_scales": False}), longest,
+                                    out_dir / TEACHER_SUBDIR, "finetune (float teacher)")
         distill = {"base": str(base.artifact.path), "adapter": str(teacher_dir), "weight": config.distill,
                    "temperature": config.distill_temperature}
         weights_bytes += base.parameters * (2 if _precision(config) == "bfloat16" else 4)  # the teacher's copy

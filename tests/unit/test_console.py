@@ -282,7 +282,7 @@ def _result(tmp_path: Path):
                             token_latency_p90_ms=1.5, token_latency_p50_ms_base=1.1, token_latency_p90_ms_base=1.3,
                             answered=True)
     adapter = SimpleNamespace(response_ppl_original=45.1, response_ppl_quantized=60.2, response_ppl_finetuned=30.3,
-                              response_ppl_teacher=None)
+                              response_ppl_teacher=None, tuned_model_dir=None)
     stages = {name: SimpleNamespace(name=name, cache=cache, seconds=1.5, output_bytes=1_000_000)
               for name, cache in (("quantize", "hit"), ("finetune", "miss"), ("export", "miss"),
                                   ("smoke_test", "miss"))}
@@ -318,6 +318,16 @@ def test_the_summary_shows_the_float_lora_when_the_run_distilled_from_it(tmp_pat
     result.adapter.response_ppl_teacher = 25.0
     assert re.search(r"^response perplexity .* 30\.30 int4 \+ LoRA \(25\.00 float LoRA\)$", report.text(result), re.M)
     assert "fine-tuned **30.30** (float LoRA, the distillation teacher: 25.00)" in report.markdown(result)
+
+
+def test_the_summary_says_when_the_base_graph_carries_trained_scales(tmp_path):
+    result = _result(tmp_path)
+    assert "train_scales" not in report.text(result) and "train_scales" not in report.markdown(result)
+    result.adapter.tuned_model_dir = tmp_path / "finetune" / "model"
+    text = report.text(result)
+    assert "(no adapter: the int4 base with the scales trained beside the adapter, finetune.train_scales)" in text
+    assert max(map(len, text.splitlines())) <= 120
+    assert "Base graph: the int4 model with the scales trained with the adapter" in report.markdown(result)
 
 
 def test_cut_is_at_a_word_with_an_ellipsis():

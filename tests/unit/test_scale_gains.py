@@ -7,26 +7,25 @@ import torch
 
 
 @pytest.fixture(scope="module")
-def scales_run(chain, tmp_path_factory):
+def generic_run(chain, tmp_path_factory):
+    """The same fine-tune with finetune.train_scales off."""
     from oliveflow.config import ExportConfig, FinetuneConfig
     from oliveflow.stages.export import export
     from oliveflow.stages.finetune import finetune
 
-    root = tmp_path_factory.mktemp("scales")
+    root = tmp_path_factory.mktemp("generic")
     (root / "f").mkdir(), (root / "e").mkdir()
     adapter = finetune(chain["base"], chain["quantized"], chain["data"], chain["template"],
-                       FinetuneConfig(max_steps=10, learning_rate=3e-3, precision="float32", train_scales=True),
-                       root / "f")
+                       FinetuneConfig(max_steps=10, learning_rate=3e-3, train_scales=False), root / "f")
     return adapter, export(chain["quantized"], adapter, ExportConfig(), root / "e")
 
 
-def test_the_trained_scales_ship_in_a_copy_of_the_checkpoint_and_the_codes_stay(chain, scales_run):
+def test_the_trained_scales_ship_in_a_copy_of_the_checkpoint_and_the_codes_stay(chain):
     from safetensors.torch import load_file
 
     from oliveflow.scale_gains import DELTAS_FILE
 
-    adapter, _ = scales_run
-    assert chain["adapter"].tuned_model_dir is None  # off by default: the export builds from the quantize stage's
+    adapter = chain["adapter"]  # the default trains the scales
     assert adapter.tuned_model_dir is not None
     deltas = load_file(str(adapter.adapter_dir / DELTAS_FILE))
     original, tuned = ({k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
@@ -40,7 +39,7 @@ def test_the_trained_scales_ship_in_a_copy_of_the_checkpoint_and_the_codes_stay(
     assert float(max(d.abs().max() for d in deltas.values())) > 1e-4  # they moved
 
 
-def test_the_adapter_was_trained_against_the_weights_that_ship(chain, scales_run):
+def test_the_adapter_was_trained_against_the_weights_that_ship(chain):
     """The training forward (codes x scale x (1 + delta)) gives bit for bit the logits of the checkpoint the export
     builds from, adapter on."""
     from olive.model import HfModelHandler
@@ -49,7 +48,7 @@ def test_the_adapter_was_trained_against_the_weights_that_ship(chain, scales_run
     from oliveflow import scale_gains
     from oliveflow.olive_ext import dequantize_once, load_adapter
 
-    adapter, _ = scales_run
+    adapter = chain["adapter"]
     deltas = load_file(str(adapter.adapter_dir / scale_gains.DELTAS_FILE))
     training = dequantize_once(HfModelHandler(model_path=str(chain["quantized"].model_dir)).load_model())
     names = scale_gains.install(training)
@@ -65,14 +64,18 @@ def test_the_adapter_was_trained_against_the_weights_that_ship(chain, scales_run
     assert torch.equal(a, b)
 
 
-def test_the_export_builds_from_the_trained_scales(chain, scales_run):
+def test_the_export_builds_from_the_trained_scales_and_without_them_from_the_generic_model(chain, generic_run):
     import json
 
     from oliveflow.olive_runner import CONFIG_FILE
+    from oliveflow.scale_gains import DELTAS_FILE
 
-    adapter, onnx = scales_run
+    saved = json.loads((chain["onnx"].artifact.path / CONFIG_FILE).read_text())
+    assert saved["input_model"]["model_path"] == str(chain["adapter"].tuned_model_dir)
+    adapter, onnx = generic_run
+    assert adapter.tuned_model_dir is None and not (adapter.adapter_dir / DELTAS_FILE).exists()
     saved = json.loads((onnx.artifact.path / CONFIG_FILE).read_text())
-    assert saved["input_model"]["model_path"] == str(adapter.tuned_model_dir)
+    assert saved["input_model"]["model_path"] == str(chain["quantized"].model_dir)
     assert (onnx.model_dir / "model.onnx").is_file() and onnx.adapter_file.is_file()
 
 

@@ -66,10 +66,13 @@ def _onnx_weights(model_dir) -> dict[str, np.ndarray]:
 
 
 def test_export_copies_the_int4_grid_bit_exactly(chain):
-    """The exported base weights are exactly the quantize stage's int4 grid: nothing re-quantized."""
+    """The exported base weights are exactly the int4 grid that the adapter was trained on (the quantize stage's
+    codes, with the scales the fine-tune trained): nothing re-quantized."""
     from olive.model import HfModelHandler
 
-    torch_model = HfModelHandler(model_path=str(chain["quantized"].model_dir)).load_model()
+    # What the export builds from: the quantize stage's checkpoint, with the scales trained by the fine-tune.
+    shipped = chain["adapter"].tuned_model_dir or chain["quantized"].model_dir
+    torch_model = HfModelHandler(model_path=str(shipped)).load_model()
     config = torch_model.config
     q_size = config.num_attention_heads * (config.hidden_size // config.num_attention_heads)
     kv_size = config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
@@ -102,7 +105,8 @@ def _torch_and_genai_logits(chain, ids, with_adapter):
 
     from oliveflow.olive_ext import load_adapter
 
-    tuned = load_adapter(HfModelHandler(model_path=str(chain["quantized"].model_dir)).load_model(),
+    shipped = chain["adapter"].tuned_model_dir or chain["quantized"].model_dir
+    tuned = load_adapter(HfModelHandler(model_path=str(shipped)).load_model(),
                          chain["adapter"].adapter_dir).eval()
     with torch.no_grad():
         if with_adapter:
@@ -234,7 +238,12 @@ def _with_nan(folder_src, folder_dst, pick):
     return name
 
 
-def test_a_planted_nan_fails_the_finetune_at_its_step(chain, tmp_path):
+@pytest.mark.parametrize(("init", "message"), [
+    ("standard", r"finetune: .*(loss|grad_norm) is nan at step 1"),
+    # the default: the error init reads the layers' inputs first, and says which are not finite
+    ("error", r"finetune: .*finetune.init error: the inputs of model\.layers\.0\.self_attn\.\w+ are not finite"),
+])
+def test_a_planted_nan_fails_the_finetune_at_its_step(chain, tmp_path, init, message):
     from oliveflow.config import FinetuneConfig
     from oliveflow.errors import StageError
     from oliveflow.stages.finetune import finetune
@@ -244,8 +253,9 @@ def test_a_planted_nan_fails_the_finetune_at_its_step(chain, tmp_path):
     broken = quantized.model_copy(update={"artifact": quantized.artifact.model_copy(update={"path": tmp_path / "q"})})
     out = tmp_path / "f"
     out.mkdir()
-    with pytest.raises(StageError, match=r"finetune: .*(loss|grad_norm) is nan at step 1"):
-        finetune(chain["base"], broken, chain["data"], chain["template"], FinetuneConfig(max_steps=3), out)
+    with pytest.raises(StageError, match=message):
+        finetune(chain["base"], broken, chain["data"], chain["template"],
+                 FinetuneConfig(max_steps=3, init=init, distill=0), out)
     assert not (out / "adapter").exists(), "nothing is kept of a failed fine-tune"
 
 
@@ -310,6 +320,10 @@ def test_the_finetune_is_bit_reproducible(chain, tmp_path):
     first, second = results
     assert (first.adapter_dir / "adapter_model.safetensors").read_bytes() == \
         (second.adapter_dir / "adapter_model.safetensors").read_bytes()
+    files = [{str(f.relative_to(r.artifact.path)): f.read_bytes() for f in sorted(r.artifact.path.rglob("*"))
+              if f.is_file()} for r in results]
+    assert files[0].keys() == files[1].keys()
+    assert [name for name in files[0] if files[0][name] != files[1][name]] == []
     assert first.artifact.sha256 == second.artifact.sha256
     assert first.train_loss == second.train_loss
 
