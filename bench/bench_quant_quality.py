@@ -37,6 +37,8 @@ from pathlib import Path
 import torch
 
 ALGORITHMS = ("rtn", "gptq", "awq", "awq+gptq")
+# The float LoRA row, the reference issue 14 measures against: no trained scales, error init or distillation.
+FLOAT_LORA = {"train_scales": False, "init": "standard", "distill": 0.0}
 
 
 def held_out_ppl(model_dir: Path, data, template: str) -> float:
@@ -222,6 +224,8 @@ def main() -> None:
         for seed, overrides, (name, model) in itertools.product(
                 args.seeds, variants if isinstance(variants, list) else [variants], paths):
             lora = dict(overrides)
+            if name == "float LoRA":  # the reference: the plain LoRA, without what only a quantized model needs
+                lora.update(FLOAT_LORA)
             if args.target_modules:
                 lora["target_modules"] = args.target_modules
             if args.lora_r:
