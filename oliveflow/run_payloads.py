@@ -167,11 +167,12 @@ def prompt_template(template: str) -> tuple[str, str] | None:
     return split_template(template)[0], fields[0]
 
 
-# The columns of the size / quality trade-off table: what distinguishes one quantization setting from another,
-# and what it cost. Each run logs its own row as params and metrics; the table gathers the experiment's runs.
+# The columns of the size / quality trade-off table: what distinguishes one quantization setting from another
+# (and the fine-tune settings that move the shipped perplexity), and what it cost. Each run logs its own row as
+# params and metrics; the table gathers the experiment's runs.
 TRADEOFF_PARAMS = ("quantize.algorithm", "quantize.bits", "quantize.group_size", "quantize.symmetric",
-                   "quantize.size_budget")
-TRADEOFF_METRICS = ("size.onnx_bytes", "response_ppl_quantized", "response_ppl_finetuned")
+                   "quantize.size_budget", "finetune.train_scales", "finetune.init", "finetune.distill")
+TRADEOFF_METRICS = ("size.onnx_bytes", "response_ppl_quantized", "response_ppl_finetuned", "response_ppl_teacher")
 
 
 def tradeoff_row(params: dict[str, str], metrics: dict[str, float], run: str) -> dict[str, Any]:

@@ -109,7 +109,7 @@ def test_train_loss_is_logged_per_step(tracked, mlflow_uri, pipeline_result):
     assert [m.value for m in history] == pytest.approx(pipeline_result.adapter.train_loss)
 
 
-def test_artifacts_configs_samples_and_chart(tracked, mlflow_uri, pipeline_result, tmp_path):
+def test_artifacts_configs_samples_and_chart(tracked, mlflow_uri, pipeline_result, run_params, tmp_path):
     client = _client(mlflow_uri)
 
     def artifact(path: str) -> Path:
@@ -130,6 +130,9 @@ def test_artifacts_configs_samples_and_chart(tracked, mlflow_uri, pipeline_resul
     row = dict(zip(tradeoff["columns"], next(r for r in tradeoff["data"] if r[0] == tracked.run_id)))
     assert row["algorithm"] == pipeline_result.quantized.algorithm
     assert row["response_ppl_finetuned"] == pytest.approx(pipeline_result.adapter.response_ppl_finetuned)
+    logged = flatten_params(run_params)
+    assert [row[k] for k in ("train_scales", "init", "distill")] == [
+        logged[f"finetune.{k}"] for k in ("train_scales", "init", "distill")]
     assert row["size.onnx_bytes"] == pipeline_result.smoke.size_after_bytes
     assert artifact("charts/size_vs_perplexity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     sensitivity = json.loads(artifact("quantize_sensitivity.json").read_text())
