@@ -60,7 +60,7 @@ def markdown(result: PipelineResult) -> str:
               f"{_num(adapter.response_ppl_quantized)}, fine-tuned **{_num(adapter.response_ppl_finetuned)}**"
               + (f" (float LoRA, the distillation teacher: {_num(adapter.response_ppl_teacher)})"
                  if adapter.response_ppl_teacher is not None else ""),
-              *([f"Base graph: the int4 model with the scales trained with the adapter (finetune.train_scales): "
+              *(["Base graph: the int4 model with the scales trained with the adapter (finetune.train_scales): "
                  "its answers without the adapter are tuned to the task too"] if adapter.tuned_model_dir else []),
               f"ROUGE-L of the answers: without adapter {_num(smoke.rouge_l_base, 3)}, with adapter "
               f"**{_num(smoke.rouge_l_finetuned, 3)}** ({len(smoke.samples)} held-out prompts)",
