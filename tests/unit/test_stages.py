@@ -366,7 +366,11 @@ def test_lora_base_is_unpacked_once_when_it_fits_else_every_pass(chain, fits, mo
 def test_micro_batches_with_accumulation_learn_what_one_batch_learns(chain, tmp_path, caplog):
     """The memory plan may split a batch of 8 into 4 micro-batches of 2: the loss curve and the adapter stay the
     same within float32 noise (the summed loss is divided by the whole batch's tokens); the plan is logged and
-    recorded."""
+    recorded.
+
+    The plain LoRA (no trained scales, standard init, no distillation): the default's distillation trains its own
+    float teacher in each run, with that run's micro-batches, so two runs differ by the teacher's float32 noise too
+    (measured: 1.3e-5 on a 0.13 weight). The accumulation under test is the same code path either way."""
     import logging
 
     from oliveflow.config import FinetuneConfig
@@ -377,8 +381,9 @@ def test_micro_batches_with_accumulation_learn_what_one_batch_learns(chain, tmp_
     for micro in (8, 2):
         out = tmp_path / f"micro{micro}"
         out.mkdir()
-        runs[micro] = finetune(chain["base"], chain["quantized"], chain["data"], chain["template"],
-                               FinetuneConfig(max_steps=4, learning_rate=3e-3, micro_batch_size=micro), out)
+        config = FinetuneConfig(max_steps=4, learning_rate=3e-3, micro_batch_size=micro,
+                                train_scales=False, init="standard", distill=0.0)
+        runs[micro] = finetune(chain["base"], chain["quantized"], chain["data"], chain["template"], config, out)
     whole, split = runs[8], runs[2]
     assert (whole.plan["micro_batch_size"], whole.plan["gradient_accumulation_steps"]) == (8, 1)
     assert (split.plan["micro_batch_size"], split.plan["gradient_accumulation_steps"]) == (2, 4)
