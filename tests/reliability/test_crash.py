@@ -16,6 +16,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from runs import HEAVY_STAGES, OLIVEFLOW, QUICK, REPO, half_written, run_env, stored
 
 
@@ -46,6 +48,7 @@ def _kill_during(stage: str, model: Path, root: Path, store: Path) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
+@pytest.mark.slow  # the whole pipeline several times, or on a real model: the CI's slow step
 def test_a_run_killed_in_each_heavy_stage_resumes_to_the_same_model(tiny_model_dir, tmp_path):
     store = tmp_path / "store"
     reference = _run(tiny_model_dir, tmp_path / "reference", store)
