@@ -14,7 +14,7 @@ from flows.pipeline import pipeline
 from oliveflow.config import REAL_MODEL, FinetuneConfig, PipelineParams, QuantizeConfig, SmokeTestConfig
 
 
-@pytest.mark.slow  # the whole pipeline several times, or on a real model: the CI's slow step
+@pytest.mark.slow
 def test_real_model_end_to_end_with_its_own_chat_template(tmp_path):
     result = pipeline(PipelineParams(
         # Plain rtn, every layer at 4 bits: the fastest path for CI's 2 cores (mixed precision: tests/unit).

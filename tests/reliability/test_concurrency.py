@@ -32,7 +32,7 @@ def _computed(runs: list[dict]) -> dict[str, int]:
     return {stage: sum(run["stages"][stage]["cache"] == "miss" for run in runs) for stage in runs[0]["stages"]}
 
 
-@pytest.mark.slow  # the whole pipeline several times, or on a real model: the CI's slow step
+@pytest.mark.slow
 def test_four_identical_runs_compute_each_stage_once_and_agree(tiny_model_dir, tmp_path):
     runs, seconds = _start_together(tiny_model_dir, tmp_path, [[]] * 4)
     assert _computed(runs) == {"quantize": 1, "finetune": 1, "export": 1, "smoke_test": 1}

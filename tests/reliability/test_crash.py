@@ -48,7 +48,7 @@ def _kill_during(stage: str, model: Path, root: Path, store: Path) -> None:
     assert proc.returncode == -signal.SIGKILL
 
 
-@pytest.mark.slow  # the whole pipeline several times, or on a real model: the CI's slow step
+@pytest.mark.slow
 def test_a_run_killed_in_each_heavy_stage_resumes_to_the_same_model(tiny_model_dir, tmp_path):
     store = tmp_path / "store"
     reference = _run(tiny_model_dir, tmp_path / "reference", store)

@@ -51,7 +51,7 @@ def test_deploy_against_a_server_that_is_down_is_one_line(tmp_path):
     assert "cannot reach the Prefect server at http://127.0.0.1:9/api" in done.stderr
 
 
-@pytest.mark.slow  # the whole pipeline several times, or on a real model: the CI's slow step
+@pytest.mark.slow
 def test_a_cold_run_succeeds_on_a_busy_machine(busy_machine, tiny_model_dir, tmp_path):
     """A fresh $PREFECT_HOME (its database is created at start-up) while every core is taken."""
     assert all(p.poll() is None for p in busy_machine)
